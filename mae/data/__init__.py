@@ -1,0 +1,1 @@
+"""Reading images out of WebDataset shards: shard index, decoding, the streaming pipeline."""

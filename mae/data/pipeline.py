@@ -1,0 +1,343 @@
+"""The streaming reader: a ``webdataset.DataPipeline`` of named steps.
+
+    ShardStream      shard list -> shuffled (seed, epoch), split by rank, split by worker
+                     (finite mode), or an endless seeded draw of shards (resampled mode)
+    tar_to_samples   tar members grouped into samples; unreadable tars skipped and counted
+    SampleShuffle    buffered shuffle seeded by (seed, epoch, rank, worker)
+    DecodeImages     bytes -> RGB -> transform; undecodable or image-less samples counted
+    batched          stacked batches; the last one of each worker may be partial
+    TagBatches       each batch carries its worker id and that worker's skip counts
+
+Rank and world size are given, not discovered, so the same pipeline serves one process,
+many processes and tests. Loaders are never passed through ``accelerator.prepare``: the
+split by rank happens here, once.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import UndecodableImage, decode_with_mode, image_key
+from .shard_index import find_indexes
+from .transforms import Transform
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "hf://")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how to read them."""
+
+    train: str = "shards/cifar10/train-{000000..000007}.tar"  # brace pattern, glob, folder, URL; "::" joins
+    val: str = "shards/cifar10/test-{000000..000003}.tar"  # "" for none
+    num_workers: int = 2  # loader processes per training process
+    shuffle_buffer: int = 1000  # samples held for shuffling
+    resampled: bool = False  # draw shards with replacement, a fixed samples_per_epoch
+    samples_per_epoch: int | None = None  # needed when resampled or when shards have no index
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch must be positive, got {self.samples_per_epoch}")
+
+
+class DataError(ValueError):
+    """Shards that cannot make an epoch: missing files, too few shards for the readers."""
+
+
+# ----------------------------------------------------------------------- shard lists
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Brace patterns (``train-{000000..000127}.tar``), ``::``-joined lists, globs and
+    directories of local tars, and URLs webdataset opens (``pipe:``, ``http(s)://``)."""
+    parts = spec if isinstance(spec, list) else [spec]
+    urls: list[str] = []
+    for part in parts:
+        for url in wds.shardlists.expand_urls(part):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+            elif os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise DataError(f"shard folder {url} holds no .tar files")
+                urls += found
+            elif any(c in url for c in "*?["):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise DataError(f"no shard matches {url!r} (relative to {os.getcwd()})")
+                urls += found
+            elif not os.path.exists(url):
+                raise DataError(f"shard {url} does not exist (relative paths start at {os.getcwd()})")
+            else:
+                urls.append(url)
+    if not urls:
+        raise DataError(f"no shards in {spec!r}")
+    return urls
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Samples per shard from the ``*-index.json`` files next to local shards; None when
+    any shard is remote or unindexed (the epoch length must then be given)."""
+    sizes: dict[str, int] = {}
+    by_folder: dict[str, dict[str, int]] = {}
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            return None
+        folder = str(Path(url).parent)
+        if folder not in by_folder:
+            by_folder[folder] = {}
+            for index in find_indexes(folder):
+                by_folder[folder].update(index.counts())
+        name = Path(url).name
+        if name not in by_folder[folder]:
+            return None
+        sizes[url] = by_folder[folder][name]
+    return sizes
+
+
+# ------------------------------------------------------------------------ the steps
+
+
+@dataclass
+class StreamContext:
+    """What every step needs to seed and split itself; pickled into each worker per epoch."""
+
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def rng(self, purpose: str) -> random.Random:
+        worker, _ = self.worker()
+        return random.Random(f"{purpose}/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+
+
+def finite_assignment(urls: list[str], ctx: StreamContext, num_workers: int, shuffle: bool) -> list[list[str]]:
+    """Shards of each worker of ``ctx.rank`` this epoch: every shard goes to exactly one
+    (rank, worker). The same function plans the epoch length and feeds the stream."""
+    order = list(urls)
+    if shuffle:
+        random.Random(f"shards/{ctx.seed}/{ctx.epoch}").shuffle(order)  # the same on every rank
+    mine = order[ctx.rank :: ctx.world_size]
+    return [mine[w::num_workers] for w in range(num_workers)]
+
+
+class ShardStream(IterableDataset):
+    """First step: yields ``{"url": ...}`` for the shards this rank and worker read."""
+
+    def __init__(self, urls: list[str], ctx: StreamContext, shuffle: bool, resampled: bool) -> None:
+        self.urls, self.ctx, self.shuffle, self.resampled = urls, ctx, shuffle, resampled
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker, num_workers = self.ctx.worker()
+        if self.resampled:
+            rng = self.ctx.rng("resample")
+            while True:  # the epoch length is cut by TagBatches' batch budget
+                yield {"url": rng.choice(self.urls)}
+        for url in finite_assignment(self.urls, self.ctx, num_workers, self.shuffle)[worker]:
+            yield {"url": url}
+
+
+@dataclass
+class SkipCounter:
+    """Per-worker counts of what was skipped or converted, by reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    bad_shards: set = field(default_factory=set)
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: count the unreadable shard once, go on with the next."""
+        where = next((a for a in getattr(exn, "args", ())[::-1] if isinstance(a, str) and a), repr(exn))
+        if where not in self.bad_shards:
+            self.bad_shards.add(where)
+            self.counts["unreadable_tar"] += 1
+        return True
+
+
+class SampleShuffle:
+    def __init__(self, ctx: StreamContext, bufsize: int) -> None:
+        self.ctx, self.bufsize = ctx, bufsize
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        if self.bufsize <= 1:
+            yield from src
+            return
+        rng, buf = self.ctx.rng("samples"), []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) >= self.bufsize:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+
+class DecodeImages:
+    """Sample dict -> (image tensor, label); label -1 for unlabelled shards."""
+
+    def __init__(self, transform: Transform, counter: SkipCounter) -> None:
+        self.transform, self.counter = transform, counter
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int]]:
+        for sample in src:
+            ext = image_key(sample)
+            if ext is None:
+                self.counter.counts["no_image"] += 1
+                continue
+            try:
+                img, mode = decode_with_mode(sample[ext])
+            except UndecodableImage:
+                self.counter.counts["undecodable"] += 1
+                continue
+            if mode != "RGB":
+                self.counter.counts[f"converted_{mode}"] += 1
+            label = -1
+            if "cls" in sample:
+                try:
+                    label = int(sample["cls"])
+                except ValueError:
+                    self.counter.counts["bad_label"] += 1
+                    continue
+            yield self.transform(img), label
+
+
+class TagBatches:
+    """Last step: dict batches with the worker's skip counts; caps a resampled epoch."""
+
+    def __init__(self, counter: SkipCounter, ctx: StreamContext, batches_per_rank: int | None) -> None:
+        self.counter, self.ctx, self.batches_per_rank = counter, ctx, batches_per_rank
+
+    def __call__(self, src: Iterator[tuple]) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self.ctx.worker()
+        budget = math.inf
+        if self.batches_per_rank is not None:  # spread the rank's batches over its workers
+            budget = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
+        for i, (images, labels) in enumerate(src):
+            if i >= budget:
+                return
+            yield {"image": images, "label": labels, "worker": worker, "skipped": dict(self.counter.counts)}
+
+
+def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class ShardLoader:
+    """An epoch-aware loader over shards: ``set_epoch(e)`` then iterate.
+
+    ``batches_per_epoch`` is this epoch's plan, the same on every rank: the fewest
+    batches any rank gets (finite mode, from the shard index) or the resampled budget.
+    """
+
+    def __init__(
+        self,
+        spec: str | list[str],
+        transform: Transform,
+        *,
+        batch_size: int,
+        num_workers: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        self.urls = expand_shards(spec)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.ctx = StreamContext(seed=seed, rank=rank, world_size=world_size)
+        self.shuffle, self.resampled = shuffle, resampled
+        self.sizes = shard_sizes(self.urls)
+        readers = world_size * max(1, num_workers)
+        if resampled:
+            if samples_per_epoch is None:
+                if self.sizes is None:
+                    raise DataError("data.resampled needs data.samples_per_epoch: the shards have no index")
+                samples_per_epoch = sum(self.sizes.values())
+            self.samples_per_epoch = samples_per_epoch
+        else:
+            if len(self.urls) < readers:
+                raise DataError(
+                    f"{len(self.urls)} shard(s) cannot feed {world_size} process(es) x {max(1, num_workers)} "
+                    f"loader worker(s) = {readers} readers in a finite epoch: each reader needs a shard of its own. "
+                    "Use fewer data.num_workers, more shards (python -m shards build --samples-per-shard), "
+                    "or data.resampled=true."
+                )
+            if self.sizes is None and samples_per_epoch is None:
+                raise DataError(
+                    "the shards have no index (<prefix>-index.json beside them) to count an epoch by; "
+                    "set data.samples_per_epoch"
+                )
+            self.samples_per_epoch = samples_per_epoch if self.sizes is None else sum(self.sizes.values())
+        self.counter = SkipCounter()
+        self._pipeline = wds.DataPipeline(
+            ShardStream(self.urls, self.ctx, shuffle, resampled),
+            wds.tarfile_to_samples(handler=self.counter.tar_error),
+            SampleShuffle(self.ctx, shuffle_buffer if shuffle else 0),
+            DecodeImages(transform, self.counter),
+            wds.batched(batch_size, collation_fn=_collate, partial=True),
+            TagBatches(self.counter, self.ctx, self._resampled_budget() if resampled else None),
+        )
+
+    def _resampled_budget(self) -> int:
+        return max(1, self.samples_per_epoch // (self.ctx.world_size * self.batch_size))
+
+    def rank_batches(self, epoch: int, rank: int) -> int:
+        """Batches ``rank`` reads in ``epoch`` (finite mode with an index)."""
+        ctx = StreamContext(self.ctx.seed, epoch, rank, self.ctx.world_size)
+        assignment = finite_assignment(self.urls, ctx, max(1, self.num_workers), self.shuffle)
+        return sum(math.ceil(sum(self.sizes[u] for u in shards) / self.batch_size) for shards in assignment)
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        if self.resampled:
+            return self._resampled_budget()
+        if self.sizes is None:
+            return self._resampled_budget()  # an estimate from data.samples_per_epoch
+        return min(self.rank_batches(epoch, r) for r in range(self.ctx.world_size))
+
+    def unseen_per_epoch(self, epoch: int) -> int:
+        """Samples the slowest-ending ranks leave unread when ranks get unequal shares."""
+        if self.resampled or self.sizes is None:
+            return 0
+        per_rank = [self.rank_batches(epoch, r) for r in range(self.ctx.world_size)]
+        return (sum(per_rank) - min(per_rank) * len(per_rank)) * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ctx.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # A fresh generator per epoch fixes the workers' seeds, hence the augmentations,
+        # so a run resumed at an epoch boundary sees exactly the same pixels.
+        gen = torch.Generator().manual_seed(hash((self.ctx.seed, self.ctx.epoch, self.ctx.rank)) & 0x7FFFFFFF)
+        loader = DataLoader(
+            self._pipeline, batch_size=None, num_workers=self.num_workers, generator=gen,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )  # fmt: skip
+        self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
+        self.counter.bad_shards.clear()
+        return iter(loader)

@@ -1,0 +1,128 @@
+"""The pretraining stage: masked-image modelling of a ViT encoder on unlabelled shards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .data.pipeline import ShardLoader
+from .data.transforms import eval_transform, pretrain_transform
+from .engine import FitResult, RunConfig, Trainer
+from .models.mae_vit import PRESETS, MaskedAutoencoderViT, create_model
+from .optim import param_groups
+from .visualize import reconstruct, save_reconstructions
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Defaults: the CIFAR-scale model on the shipped sample shards, a few minutes on CPU.
+    ``pipelines/configs/mae_vit_base_in1k.yaml`` holds the paper's ImageNet recipe."""
+
+    output_dir: str = "runs/pretrain"
+    model: str = "mae_vit_tiny_patch4_32"  # a preset of mae.models
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # any MAEConfig field
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    blr: float = 1.5e-3  # higher than the paper's 1.5e-4 (effective batch 4096) for short small-batch runs
+    epochs: int = 4
+    warmup_epochs: float = 1.0
+    num_vis: int = 8  # validation images in each reconstruction picture
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model not in PRESETS:
+            raise ValueError(f"model: unknown preset {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    return create_model(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_overrides)
+
+
+def save_encoder(model: MaskedAutoencoderViT, path: str | Path) -> Path:
+    """The encoder alone in timm names, with what timm needs to rebuild it in the metadata."""
+    c = model.cfg
+    meta = {"timm_name": c.timm_name, "timm_kwargs": json.dumps(c.timm_kwargs()), "format": "pt"}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.encoder_state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+class PretrainTask:
+    """MAE's loss for the loop; evaluation = masked loss on validation shards (fixed masks)
+    and a reconstruction picture."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Any, val: ShardLoader | None) -> None:
+        self.cfg, self.acc, self.val = cfg, accelerator, val
+        self._vis: torch.Tensor | None = None
+
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        loss, _, _ = model(batch["image"])
+        return loss
+
+    def _noise(self, n: int, num_patches: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + index)
+        return torch.rand(n, num_patches, generator=g).to(self.acc.device)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        net: MaskedAutoencoderViT = self.acc.unwrap_model(model)
+        net.eval()
+        total, count = 0.0, 0
+        self.val.set_epoch(0)
+        for i, batch in enumerate(self.val):
+            images = batch["image"].to(self.acc.device)
+            if self._vis is None and self.acc.is_main_process:
+                self._vis = images[: self.cfg.num_vis].clone()
+            with self.acc.autocast():
+                loss, _, _ = net(images, noise=self._noise(images.shape[0], net.cfg.num_patches, i))
+            total += loss.item() * images.shape[0]
+            count += images.shape[0]
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
+        total, count = self.acc.reduce(sums, reduction="sum").tolist() if self.acc.num_processes > 1 else (total, count)
+        if self.acc.is_main_process and self._vis is not None:
+            with self.acc.autocast():
+                pictures = reconstruct(net, self._vis, self._noise(self._vis.shape[0], net.cfg.num_patches, -1))
+            save_reconstructions(pictures, Path(self.cfg.output_dir) / "reconstructions" / f"epoch-{epoch:04d}.png")
+        net.train()
+        return {"val_loss": total / max(1.0, count)}
+
+    def finish(self, model: torch.nn.Module, output_dir: Path) -> None:
+        save_encoder(model, output_dir / ENCODER_FILE)
+
+
+def pretrain(cfg: PretrainConfig, accelerator: Any) -> FitResult:
+    """Build model, data and optimiser for ``cfg`` and run the loop."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg)
+    size = model.cfg.img_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    d = cfg.data
+    train = ShardLoader(d.train, pretrain_transform(size), batch_size=cfg.batch_size, num_workers=d.num_workers,
+                        rank=rank, world_size=world, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                        resampled=d.resampled, samples_per_epoch=d.samples_per_epoch)  # fmt: skip
+    val = None
+    if d.val:
+        val = ShardLoader(d.val, eval_transform(size), batch_size=cfg.batch_size, num_workers=min(1, d.num_workers),
+                          rank=rank, world_size=world, seed=cfg.seed, shuffle=False)  # fmt: skip
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
+                                  betas=(0.9, 0.95))  # fmt: skip
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.seed + rank)  # masks differ across ranks, as their images do
+    trainer = Trainer(cfg, accelerator, model, optimizer, train, PretrainTask(cfg, accelerator, val))
+    return trainer.fit()

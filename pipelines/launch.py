@@ -1,0 +1,44 @@
+"""What every stage entry point does: parse ``--config FILE`` and ``key=value``, merge
+them over the stage's defaults, save the resolved config into the run folder, start
+Accelerate and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from mae.config import ConfigError, describe, load_config, save_config
+from mae.data.pipeline import DataError
+
+
+def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="keys (key=value, dotted for nested):\n" + "\n".join(describe(config_cls)),
+    )  # fmt: skip
+    parser.add_argument("--config", help="YAML file of settings (applied over the defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings applied last")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    accelerator.print(f"{prog}: {accelerator.num_processes} process(es) on {accelerator.device}, output in {cfg.output_dir}")
+    try:
+        stage(cfg, accelerator)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        accelerator.end_training()
+    return 0

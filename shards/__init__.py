@@ -1,0 +1,1 @@
+"""Build and verify WebDataset tar shards: ``python -m shards build|verify`` (see README.md)."""

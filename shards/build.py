@@ -1,0 +1,307 @@
+"""Pack a folder of images into WebDataset tar shards plus a ``<prefix>-index.json``.
+
+Training reads shards, not folders, because a few large sequential files stream
+far better than many small ones. Every image is decoded once here with the same
+``decode_rgb`` that training uses, so a bad file is reported at build time
+instead of being skipped silently in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mae.data.decode import IMAGE_EXTENSIONS, UndecodableImage, decode_rgb
+from mae.data.shard_index import ShardEntry, ShardIndex, write_index
+
+SHARD_DIGITS = 6
+TMP_SUFFIX = ".tmp"
+BLOCK = tarfile.BLOCKSIZE  # 512
+TAR_END = 2 * BLOCK  # end-of-archive marker: two zero blocks
+RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to whole 10 KiB records
+
+
+class SourceError(ValueError):
+    """A problem with the command's input or output folder (the CLI exits 2 on it)."""
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path
+    rel: str  # posix path relative to SRC: stable across machines, used in reports
+    label: int | None
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:0{SHARD_DIGITS}d}.tar"
+
+
+def shard_pattern(prefix: str) -> re.Pattern[str]:
+    """Final shard names of one set, e.g. ``train-000003.tar``."""
+    return re.compile(rf"{re.escape(prefix)}-\d{{{SHARD_DIGITS}}}\.tar")
+
+
+def member_bytes(size: int) -> int:
+    """Bytes one member takes in a tar: a header block plus data padded to whole blocks."""
+    return BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def tar_size(members_total: int) -> int:
+    """Exact size of a closed tar whose members take ``members_total`` bytes."""
+    return -(-(members_total + TAR_END) // RECORD) * RECORD
+
+
+def _is_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files below ``folder`` in a stable (sorted) order; hidden entries are left out
+    because they are editor and OS litter (``.DS_Store``, ``._x.jpg``), not data."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root, f) for f in sorted(files) if not f.startswith(".") and _is_image(f)]
+    return found
+
+
+def _visible_entries(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if not p.name.startswith("."))
+
+
+def detect_labelled(src: Path) -> bool:
+    """Labelled (ImageFolder layout) when every entry of SRC is a folder holding images."""
+    entries = _visible_entries(src)
+    return bool(entries) and all(p.is_dir() and _images_below(p) for p in entries)
+
+
+def scan_source(src: Path, labelled: bool | None) -> tuple[list[SourceImage], list[str] | None]:
+    """List the candidate images and, for a labelled source, the sorted class names."""
+    if not src.exists():
+        raise SourceError(f"source folder {src} does not exist")
+    if not src.is_dir():
+        raise SourceError(f"source {src} is not a folder")
+    if labelled is None:
+        labelled = detect_labelled(src)
+    if not labelled:
+        images = [SourceImage(p, p.relative_to(src).as_posix(), None) for p in _images_below(src)]
+        if not images:
+            raise SourceError(f"source folder {src} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return images, None
+    entries = _visible_entries(src)
+    stray = [p.name for p in entries if not p.is_dir() and _is_image(p.name)]
+    if stray:
+        raise SourceError(
+            f"source folder {src} has images outside class folders (e.g. {stray[0]}); "
+            "move them into a class folder or build with --unlabelled"
+        )
+    classes = [p.name for p in entries if p.is_dir()]
+    if not classes:
+        raise SourceError(f"source folder {src} has no class sub-folders")
+    images = []
+    for label, name in enumerate(classes):
+        found = _images_below(src / name)
+        if not found:
+            raise SourceError(f"class folder {src / name} holds no image files")
+        images += [SourceImage(p, p.relative_to(src).as_posix(), label) for p in found]
+    return images, classes
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """A header with nothing that varies between machines or runs, so builds are byte-identical."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _ShardWriter:
+    """Writes numbered shards, each under a temporary name until it is complete.
+
+    A reader (or a crashed build) therefore never sees a ``.tar`` that is half written.
+    """
+
+    def __init__(self, out: Path, prefix: str, samples_per_shard: int, bytes_per_shard: int):
+        self.out, self.prefix = out, prefix
+        self.samples_per_shard, self.bytes_per_shard = samples_per_shard, bytes_per_shard
+        self.entries: list[ShardEntry] = []
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._samples = 0
+        self._bytes = 0
+
+    @property
+    def _final(self) -> Path:
+        return self.out / shard_name(self.prefix, len(self.entries))
+
+    @property
+    def _tmp(self) -> Path:
+        return self._final.with_name(self._final.name + TMP_SUFFIX)
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        size = sum(member_bytes(len(data)) for _, data in members)
+        # Start a new shard rather than overshoot the byte limit; a sample larger than
+        # the limit still gets a shard of its own.
+        if self._tar is not None and tar_size(self._bytes + size) > self.bytes_per_shard:
+            self.close_shard()
+        if self._tar is None:
+            self._file = open(self._tmp, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        for ext, data in members:
+            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._samples += 1
+        self._bytes += size
+        if self._samples >= self.samples_per_shard:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self._tar is None or self._file is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the data must be on disk before the name says "complete"
+        self._file.close()
+        os.replace(self._tmp, self._final)
+        self.entries.append(ShardEntry(self._final.name, self._samples))
+        self._tar = self._file = None
+        self._samples = self._bytes = 0
+
+    def abandon(self) -> None:
+        """Drop the shard in progress after an error, keeping the completed ones."""
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+        self._tar = self._file = None
+
+
+def _prepare_out(out: Path, prefix: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{prefix}-*.tar{TMP_SUFFIX}"):
+        stale.unlink()  # left by an interrupted build
+
+
+def _reason(err: Exception) -> str:
+    """Why a file was skipped, without object addresses (``<_io.BytesIO object at 0x7f..>``)
+    that PIL puts in its messages and that would make two identical builds differ."""
+    text = str(err) if isinstance(err, UndecodableImage) else f"unreadable: {err}"
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
+
+
+def _select(images: list[SourceImage], shuffle: bool, seed: int) -> list[SourceImage]:
+    images = list(images)
+    if shuffle:
+        random.Random(seed).shuffle(images)
+    return images
+
+
+def build_shards(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    prefix: str = "train",
+    samples_per_shard: int = 1000,
+    bytes_per_shard: int = 1_000_000_000,
+    shuffle: bool = True,
+    seed: int = 0,
+    labelled: bool | None = None,
+    max_per_class: int | None = None,
+    source: str | None = None,
+) -> ShardIndex:
+    """Write ``{prefix}-NNNNNN.tar`` shards and their index into ``out``; return the index.
+
+    ``labelled=None`` detects the layout. With ``max_per_class`` the first N images per
+    class that decode are taken, in shuffled order, so each class gets exactly N when it
+    has that many good images. Undecodable files are skipped and listed in
+    ``index.skipped``; the build fails only when nothing at all could be written.
+    """
+    src, out = Path(src), Path(out)
+    if samples_per_shard < 1 or bytes_per_shard < 1:
+        raise SourceError("--samples-per-shard and --bytes-per-shard must be at least 1")
+    if max_per_class is not None and max_per_class < 1:
+        raise SourceError("--max-per-class must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", prefix):
+        raise SourceError(f"prefix {prefix!r} must be letters, digits, '_' or '-' (no dots or slashes)")
+    images, classes = scan_source(src, labelled)
+    if max_per_class is not None and classes is None:
+        raise SourceError("--max-per-class needs a labelled source (class sub-folders)")
+    _prepare_out(out, prefix)
+
+    order = _select(images, shuffle, seed)
+    key_digits = max(6, len(str(len(order))))
+    writer = _ShardWriter(out, prefix, samples_per_shard, bytes_per_shard)
+    taken: Counter[int | None] = Counter()
+    skipped: list[dict[str, str]] = []
+    try:
+        for image in order:
+            if max_per_class is not None and taken[image.label] >= max_per_class:
+                continue
+            try:
+                data = image.path.read_bytes()
+                decode_rgb(data)
+            except (OSError, UndecodableImage) as err:
+                skipped.append({"path": image.rel, "reason": _reason(err)})
+                continue
+            members = [(image.path.suffix[1:].lower(), data)]
+            if image.label is not None:
+                members.append(("cls", str(image.label).encode("ascii")))
+            writer.add(f"{sum(taken.values()):0{key_digits}d}", members)
+            taken[image.label] += 1
+        writer.close_shard()
+    except BaseException:
+        writer.abandon()
+        raise
+    if not writer.entries:
+        raise SourceError(f"no image in {src} could be decoded ({len(skipped)} skipped)")
+
+    index = ShardIndex(
+        prefix=prefix,
+        shards=writer.entries,
+        classes=classes,
+        skipped=skipped,
+        source=source if source is not None else str(src),
+        seed=seed if shuffle else None,
+    )
+    write_index(out, index)
+    _remove_extra_shards(out, index)
+    return index
+
+
+def unlisted_shards(folder: Path, index: ShardIndex) -> list[Path]:
+    """Shard files of the index's set that it does not list: a reader that globs
+    ``train-*.tar`` would read samples the index does not count."""
+    listed, pattern = set(index.counts()), shard_pattern(index.prefix)
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.name not in listed)
+
+
+def _remove_extra_shards(out: Path, index: ShardIndex) -> None:
+    """Delete shards left from an earlier, larger build of the same prefix."""
+    for path in unlisted_shards(out, index):
+        path.unlink()
+
+
+def format_report(index: ShardIndex, out: str | os.PathLike) -> str:
+    """The build summary printed by the CLI."""
+    names = [s.name for s in index.shards]
+    lines = [
+        f"wrote {len(names)} shard(s) to {out}: {names[0]} .. {names[-1]}",
+        f"samples: {index.total}",
+    ]
+    if index.classes is None:
+        lines.append("classes: none (unlabelled)")
+    else:
+        lines.append(f"classes ({len(index.classes)}): {', '.join(index.classes)}")
+    lines.append(f"skipped: {len(index.skipped)}")
+    lines += [f"  {s['path']}: {s['reason']}" for s in index.skipped]
+    return "\n".join(lines)

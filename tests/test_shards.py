@@ -1,0 +1,297 @@
+"""``python -m shards build|verify`` on real image files and real tar shards."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import webdataset as wds
+
+from mae.data.decode import decode_rgb
+from mae.data.shard_index import ShardEntry, ShardIndex, index_path, read_index, write_index
+from shards.__main__ import main
+from shards.build import build_shards
+from shards.verify import verify_shard, verify_shards
+
+if TYPE_CHECKING:
+    from conftest import ImageTree
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_SAMPLE = REPO / "shards" / "cifar10"
+
+
+def shard_files(out: Path, prefix: str = "train") -> list[Path]:
+    return sorted(out.glob(f"{prefix}-*.tar"))
+
+
+def read_back(out: Path, prefix: str = "train") -> list[dict]:
+    """Every sample, through a plain WebDataset pipeline as a trainer would read it."""
+    urls = [str(p) for p in shard_files(out, prefix)]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def image_bytes(sample: dict) -> bytes:
+    (ext,) = [k for k in sample if k in ("jpg", "jpeg", "png")]
+    return sample[ext]
+
+
+def folder_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_build_verify_and_read_back_with_webdataset(image_tree: ImageTree, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    index = build_shards(image_tree.root, out, samples_per_shard=16)
+
+    assert index.classes == image_tree.classes
+    assert [s.samples for s in index.shards] == [16, 16, 16, 15]
+    assert verify_shards(out) == []
+    assert read_index(index_path(out, "train")) == index
+
+    by_bytes = {data: cls for cls, data in image_tree.good.values()}
+    samples = read_back(out)
+    assert len(samples) == len(image_tree.good) == len(by_bytes)
+    assert Counter(image_bytes(s) for s in samples) == Counter(list(by_bytes))  # each exactly once
+    for sample in samples:
+        data = image_bytes(sample)
+        assert index.classes[int(sample["cls"])] == by_bytes[data]
+        assert decode_rgb(data).mode == "RGB"
+    assert sorted(s["__key__"] for s in samples) == [f"{i:06d}" for i in range(len(samples))]
+    assert {s["path"] for s in index.skipped} == image_tree.bad
+    assert all(s["reason"] for s in index.skipped)
+
+
+def test_cli_build_prints_report_with_skipped(image_tree: ImageTree, tmp_path: Path, capsys) -> None:
+    assert main(["build", str(image_tree.root), str(tmp_path / "out"), "--prefix", "val"]) == 0
+    report = capsys.readouterr().out
+    assert "samples: 63" in report and f"skipped: {len(image_tree.bad)}" in report
+    for rel in image_tree.bad:
+        assert rel in report
+    assert main(["verify", str(tmp_path / "out"), "--prefix", "val"]) == 0
+
+
+def test_unlabelled_nested_folder(real_jpegs: dict[str, list[bytes]], tmp_path: Path) -> None:
+    src = tmp_path / "flat"
+    jpegs = [data for per_class in real_jpegs.values() for data in per_class][:20]
+    for i, data in enumerate(jpegs):
+        path = src / ("" if i < 5 else f"a/b{i % 3}") / f"img{i}.JPG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    index = build_shards(src, tmp_path / "out")
+    assert index.classes is None
+    samples = read_back(tmp_path / "out")
+    assert sorted(image_bytes(s) for s in samples) == sorted(jpegs)
+    assert not any("cls" in s for s in samples)
+    assert verify_shards(tmp_path / "out") == []
+
+
+def test_layout_can_be_forced(image_tree: ImageTree, tmp_path: Path) -> None:
+    index = build_shards(image_tree.root, tmp_path / "out", labelled=False)
+    assert index.classes is None
+    assert not any("cls" in s for s in read_back(tmp_path / "out"))
+
+
+def test_samples_per_shard_limit(image_tree: ImageTree, tmp_path: Path) -> None:
+    index = build_shards(image_tree.root, tmp_path / "out", samples_per_shard=10)
+    assert [s.samples for s in index.shards] == [10] * 6 + [3]
+    assert [p.name for p in shard_files(tmp_path / "out")] == [f"train-{i:06d}.tar" for i in range(7)]
+
+
+def test_bytes_per_shard_limit(image_tree: ImageTree, tmp_path: Path) -> None:
+    limit = 40_000
+    index = build_shards(image_tree.root, tmp_path / "out", bytes_per_shard=limit)
+    files = shard_files(tmp_path / "out")
+    assert len(files) > 2 and index.total == len(image_tree.good)
+    assert all(p.stat().st_size <= limit for p in files)
+    # Not split too early: the next shard's first sample would not have fitted.
+    for this, following in zip(files, files[1:]):
+        with tarfile.open(this) as a, tarfile.open(following) as b:
+            members = [(m.name, a.extractfile(m).read()) for m in a]
+            members += [(m.name, b.extractfile(m).read()) for m in b.getmembers()[:2]]
+        write_tar(tmp_path / "merged.tar", members)
+        assert (tmp_path / "merged.tar").stat().st_size > limit
+
+
+def test_sample_larger_than_byte_limit_gets_its_own_shard(image_tree: ImageTree, tmp_path: Path) -> None:
+    index = build_shards(image_tree.root, tmp_path / "out", bytes_per_shard=1)
+    assert [s.samples for s in index.shards] == [1] * len(image_tree.good)
+
+
+def test_same_seed_is_byte_identical_other_seed_reorders(image_tree: ImageTree, tmp_path: Path) -> None:
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        build_shards(image_tree.root, tmp_path / name, samples_per_shard=20, seed=seed, source="test")
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    order_a = [image_bytes(s) for s in read_back(tmp_path / "a")]
+    order_c = [image_bytes(s) for s in read_back(tmp_path / "c")]
+    assert order_a != order_c and sorted(order_a) == sorted(order_c)
+
+
+def test_no_shuffle_keeps_sorted_path_order(image_tree: ImageTree, tmp_path: Path) -> None:
+    index = build_shards(image_tree.root, tmp_path / "out", shuffle=False)
+    assert index.seed is None
+    expected = [data for _, (_, data) in sorted(image_tree.good.items())]
+    assert [image_bytes(s) for s in read_back(tmp_path / "out")] == expected
+
+
+def test_max_per_class_counts_only_decodable_images(image_tree: ImageTree, tmp_path: Path) -> None:
+    index = build_shards(image_tree.root, tmp_path / "out", max_per_class=6)
+    labels = Counter(int(s["cls"]) for s in read_back(tmp_path / "out"))
+    assert labels == Counter({i: 6 for i in range(len(image_tree.classes))})
+    assert index.total == 60
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold the build mid-way")
+def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[bytes]], tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    jpegs = [data for per_class in real_jpegs.values() for data in per_class][:30]
+    for i, data in enumerate(jpegs):
+        (src / f"{i:03d}.jpg").write_bytes(data)
+    fifo = src / "015_blocks.jpg"  # sorted right after 015.jpg: reading it waits forever
+    os.mkfifo(fifo)
+    cmd = [sys.executable, "-m", "shards", "build", str(src), str(out), "--no-shuffle", "--samples-per-shard", "5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not (out / "train-000003.tar.tmp").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert [p.name for p in shard_files(out)] == [f"train-{i:06d}.tar" for i in range(3)]
+    assert not index_path(out, "train").exists()
+    partial = ShardIndex("train", [])
+    for path in shard_files(out):
+        assert verify_shard(out, ShardEntry(path.name, 5), partial) == []
+
+    fifo.unlink()
+    index = build_shards(src, out, shuffle=False, samples_per_shard=5)
+    assert not list(out.glob("*.tmp"))
+    assert index.total == 30 and verify_shards(out) == []
+
+
+def test_rebuild_removes_shards_the_new_index_does_not_list(image_tree: ImageTree, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build_shards(image_tree.root, out, samples_per_shard=5)
+    (out / "train-000002.tar.tmp").write_bytes(b"half a shard")
+    build_shards(image_tree.root, out, samples_per_shard=50)
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar", "train-000001.tar", "train-index.json"]
+    assert verify_shards(out) == []
+
+
+@pytest.fixture
+def built(image_tree: ImageTree, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    build_shards(image_tree.root, out, samples_per_shard=20)
+    return out
+
+
+def test_verify_fails_on_truncated_shard(built: Path, capsys) -> None:
+    shard = built / "train-000001.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert main(["verify", str(built)]) == 1
+    assert "train-000001.tar: tar read error" in capsys.readouterr().out
+
+
+def test_verify_fails_on_shard_cut_at_a_member_boundary(built: Path, capsys) -> None:
+    shard = built / "train-000002.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[10].offset  # a header boundary: the tar still parses
+    os.truncate(shard, cut)
+    assert main(["verify", str(built)]) == 1
+    out = capsys.readouterr().out
+    assert "train-000002.tar: no end-of-archive marker" in out
+    assert "train-000002.tar: holds 5 samples, index says 20" in out
+
+
+def test_verify_fails_on_count_mismatch_missing_and_unlisted_shard(built: Path, capsys) -> None:
+    index = read_index(index_path(built, "train"))
+    index.shards[0].samples += 1
+    write_index(built, index)
+    (built / "train-000003.tar").rename(built / "train-000009.tar")
+    assert main(["verify", str(built)]) == 1
+    out = capsys.readouterr().out
+    assert "train-000000.tar: holds 20 samples, index says 21" in out
+    assert "train-000003.tar: missing shard file" in out
+    assert "train-000009.tar: shard not listed in train-index.json" in out
+
+
+def test_verify_names_bad_members(real_jpegs: dict[str, list[bytes]], tmp_path: Path) -> None:
+    good = real_jpegs["cat"][0]
+    write_tar(tmp_path / "x-000000.tar", [
+        ("000000.jpg", good), ("000000.cls", b"1"),
+        ("000001.jpg", good[:200]), ("000001.cls", b"0"),
+        ("000002.txt", b"caption only"), ("000002.cls", b"0"),
+        ("000003.jpg", good), ("000003.cls", b"7"),
+        ("000004.jpg", good),
+    ])
+    write_index(tmp_path, ShardIndex("x", [ShardEntry("x-000000.tar", 5)], classes=["a", "b"]))
+    problems = [str(p) for p in verify_shards(tmp_path)]
+    assert problems[0].startswith("x-000000.tar:000001.jpg: undecodable")
+    assert problems[1:] == [
+        "x-000000.tar:000002: sample has no image (members: cls, txt)",
+        "x-000000.tar:000003.cls: class '7' is not in 0..1",
+        "x-000000.tar:000004: labelled set but sample has no .cls",
+    ]
+
+
+def test_cli_missing_source_exits_2_without_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [sys.executable, "-m", "shards", "build", str(missing), str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_input_errors_exit_2(image_tree: ImageTree, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [
+        (["build", str(empty), str(tmp_path / "o1")], str(empty)),
+        (["build", str(image_tree.root), str(a_file)], str(a_file)),
+        (["verify", str(empty)], str(empty)),
+        (["verify", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        assert named in capsys.readouterr().err
+
+
+def test_shipped_cifar10_sample() -> None:
+    train, test = (read_index(index_path(SHIPPED_SAMPLE, p)) for p in ("train", "test"))
+    assert [s.samples for s in train.shards] == [625] * 8
+    assert [s.samples for s in test.shards] == [250] * 4
+    assert train.classes == test.classes and len(train.classes) == 10
+    assert "CIFAR-10" in train.source and train.skipped == [] and test.skipped == []
+    assert verify_shards(SHIPPED_SAMPLE) == []
+    for prefix, per_class in (("train", 500), ("test", 100)):
+        labels = Counter(int(s["cls"]) for s in read_back(SHIPPED_SAMPLE, prefix))
+        assert labels == Counter({i: per_class for i in range(10)})
