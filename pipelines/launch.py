@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
+from mae.engine import NonFiniteLoss
 
 
 def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
@@ -39,6 +40,9 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     finally:
         accelerator.end_training()
     return 0
