@@ -1,0 +1,205 @@
+"""The MAE model: masking, loss, patch layout, position tables, and weight compatibility
+with timm and the official release."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from mae.checkpoint import load_weights
+from mae.models import PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn, create_model
+from mae.models.pos_embed import resize_pos_embed, sincos_2d
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
+             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)  # fmt: skip
+
+
+@pytest.fixture
+def model() -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(MAEConfig(**SMALL))
+
+
+def test_masking_keeps_exact_count_and_restore_inverts_shuffle(model):
+    """Each sample keeps int(L * (1 - ratio)) patches; ids_restore undoes the shuffle; the mask marks the rest."""
+    N, L, D = 5, model.cfg.num_patches, 7
+    x = torch.arange(N * L, dtype=torch.float).reshape(N, L, 1).expand(N, L, D).contiguous()
+    for ratio in (0.0, 0.5, 0.75, 0.9):
+        kept, mask, ids_restore = model.random_masking(x, ratio)
+        len_keep = int(L * (1 - ratio))
+        assert kept.shape == (N, len_keep, D)
+        assert torch.equal(mask.sum(1), torch.full((N,), float(L - len_keep)))
+        # the kept tokens are exactly the positions the mask marks 0
+        kept_pos = kept[..., 0].long() - torch.arange(N).unsqueeze(1) * L
+        for n in range(N):
+            assert set(kept_pos[n].tolist()) == set(torch.nonzero(mask[n] == 0).flatten().tolist())
+        # restoring: kept tokens followed by placeholders, gathered by ids_restore, are back in order
+        full = torch.cat([kept, torch.full((N, L - len_keep, D), -1.0)], dim=1)
+        restored = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+        visible = mask == 0
+        assert torch.equal(restored[visible], x[visible])
+        assert torch.all(restored[~visible] == -1)
+
+
+def test_masks_differ_per_sample_and_follow_noise(model):
+    """Masks are random per sample, and a given noise fixes them."""
+    x = torch.zeros(8, model.cfg.num_patches, 4)
+    _, m1, _ = model.random_masking(x, 0.75)
+    assert len({tuple(r.tolist()) for r in m1}) > 1
+    noise = torch.rand(8, model.cfg.num_patches)
+    _, a, _ = model.random_masking(x, 0.75, noise)
+    _, b, _ = model.random_masking(x, 0.75, noise)
+    assert torch.equal(a, b)
+    # small noise is kept
+    assert torch.equal(a[0] == 0, noise[0] <= noise[0].sort().values[int(x.shape[1] * 0.25) - 1])
+
+
+def test_loss_counts_masked_patches_only(model):
+    """Changing predictions of visible patches leaves the loss unchanged; the loss equals a hand computation."""
+    torch.manual_seed(1)
+    imgs = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = model(imgs)
+    tampered = pred.detach().clone()
+    tampered[mask == 0] += 100.0
+    assert torch.allclose(model.forward_loss(imgs, tampered, mask), loss, atol=1e-6)
+    tampered[mask == 1] += 1.0
+    assert not torch.allclose(model.forward_loss(imgs, tampered, mask), loss)
+    target = model.patchify(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((pred - target) ** 2).mean(-1)
+    assert torch.allclose(loss, per_patch[mask == 1].mean(), atol=1e-6)
+
+
+def test_norm_pix_target_is_normalised_per_patch(model):
+    t = model.pixel_target(torch.rand(2, 3, 32, 32) * 5 + 3)
+    assert torch.allclose(t.mean(-1), torch.zeros(2, 64), atol=1e-5)
+    assert torch.allclose(t.var(-1), torch.ones(2, 64), atol=1e-3)
+    raw = MaskedAutoencoderViT(MAEConfig(**SMALL, norm_pix_loss=False))
+    imgs = torch.rand(2, 3, 32, 32)
+    assert torch.equal(raw.pixel_target(imgs), raw.patchify(imgs))
+
+
+def test_patchify_layout_and_round_trip(model):
+    """Patch 0 is the top-left p x p block in (row, col, channel) order; unpatchify inverts it."""
+    imgs = torch.randn(2, 3, 32, 32)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, 64, 4 * 4 * 3)
+    assert torch.equal(patches[0, 0], imgs[0, :, :4, :4].permute(1, 2, 0).reshape(-1))
+    assert torch.equal(patches[1, 9], imgs[1, :, 4:8, 4:8].permute(1, 2, 0).reshape(-1))  # row 1, col 1
+    assert torch.equal(model.unpatchify(patches), imgs)
+
+
+def test_sincos_values_match_the_formula():
+    """Column in the first half, row in the second; sin then cos; frequencies 1/10000^(i/(D/4)); cls zeros."""
+    D, g = 16, 3
+    table = sincos_2d(D, g, g, cls_token=True)
+    assert table.shape == (1 + g * g, D)
+    assert torch.all(table[0] == 0)
+    q = D // 4
+    for row in range(g):
+        for col in range(g):
+            v = table[1 + row * g + col]
+            for i in range(q):
+                w = 1 / 10000 ** (i / q)
+                assert math.isclose(v[i], math.sin(col * w), abs_tol=1e-6)
+                assert math.isclose(v[q + i], math.cos(col * w), abs_tol=1e-6)
+                assert math.isclose(v[2 * q + i], math.sin(row * w), abs_tol=1e-6)
+                assert math.isclose(v[3 * q + i], math.cos(row * w), abs_tol=1e-6)
+
+
+def test_fixed_position_embeddings_are_not_trained(model):
+    loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    assert model.pos_embed.grad is None and model.decoder_pos_embed.grad is None
+    assert model.blocks[0].attn.qkv.weight.grad is not None and model.decoder_pred.weight.grad is not None
+    learned = MaskedAutoencoderViT(MAEConfig(**SMALL, pos_embed="learned"))
+    learned(torch.randn(2, 3, 32, 32))[0].backward()
+    assert learned.pos_embed.grad is not None
+
+
+def test_model_config_rejects_bad_choices():
+    for bad in (dict(mixer="conv"), dict(pos_embed="rope"), dict(global_pool="max"), dict(patch_size=5), dict(mask_ratio=1.0)):
+        with pytest.raises(ValueError):
+            MAEConfig(**{**SMALL, **bad})
+    with pytest.raises(ValueError, match="unknown model setting"):
+        create_model("mae_vit_tiny_patch4_32", depthh=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("mae_vit_gigantic")
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16"])
+def test_encoder_loads_strictly_into_timm_with_equal_features(name):
+    """The encoder's weights are timm VisionTransformer weights: strict load, same features."""
+    torch.manual_seed(0)
+    mae = create_model(name).eval()
+    c = mae.cfg
+    vit = timm.create_model(c.timm_name, pretrained=False, num_classes=0, **c.timm_kwargs()).eval()
+    vit.load_state_dict(mae.encoder_state_dict(), strict=True)
+    x = torch.randn(2, 3, c.img_size, c.img_size)
+    with torch.no_grad():
+        ours, theirs = mae.forward_features(x), vit.forward_features(x)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        assert torch.allclose(mae.pool(ours), vit(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_large_patch16", "mae_vit_huge_patch14"])
+def test_large_encoders_load_strictly_into_timm(name):
+    mae = create_model(name)
+    with torch.device("meta"):  # timm's model only for its names and shapes
+        vit = timm.create_model(mae.cfg.timm_name, pretrained=False, num_classes=0, **mae.cfg.timm_kwargs())
+    vit.load_state_dict(mae.encoder_state_dict(), strict=True, assign=True)
+
+
+def official_state_dict(cfg: MAEConfig) -> dict[str, torch.Tensor]:
+    """Names and shapes of the official release's MaskedAutoencoderViT, written out by hand."""
+    D, Dd, L, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_patches, cfg.patch_size
+    sd = {"cls_token": (1, 1, D), "pos_embed": (1, L + 1, D), "patch_embed.proj.weight": (D, 3, p, p),
+          "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
+          "mask_token": (1, 1, Dd), "decoder_pos_embed": (1, L + 1, Dd), "decoder_embed.weight": (Dd, D),
+          "decoder_embed.bias": (Dd,), "decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
+          "decoder_pred.weight": (p * p * 3, Dd), "decoder_pred.bias": (p * p * 3,)}  # fmt: skip
+    for prefix, depth, w in (("blocks", cfg.depth, D), ("decoder_blocks", cfg.decoder_depth, Dd)):
+        h = int(w * cfg.mlp_ratio)
+        for i in range(depth):
+            b = f"{prefix}.{i}."
+            sd.update({b + "norm1.weight": (w,), b + "norm1.bias": (w,), b + "attn.qkv.weight": (3 * w, w),
+                       b + "attn.qkv.bias": (3 * w,), b + "attn.proj.weight": (w, w), b + "attn.proj.bias": (w,),
+                       b + "norm2.weight": (w,), b + "norm2.bias": (w,), b + "mlp.fc1.weight": (h, w),
+                       b + "mlp.fc1.bias": (h,), b + "mlp.fc2.weight": (w, h), b + "mlp.fc2.bias": (w,)})  # fmt: skip
+    return {k: torch.randn(shape) for k, shape in sd.items()}
+
+
+def test_official_release_checkpoint_loads_strictly(tmp_path, model):
+    """A ``{'model': state_dict}`` file with the official names loads with strict=True, values intact."""
+    sd = official_state_dict(model.cfg)
+    path = tmp_path / "mae_pretrain_official.pth"
+    torch.save({"model": sd, "epoch": 799}, path)
+    loaded = checkpoint_filter_fn(load_weights(path), model)
+    model.load_state_dict(loaded, strict=True)
+    assert torch.equal(model.decoder_pred.weight, sd["decoder_pred.weight"])
+    assert torch.equal(model.blocks[1].attn.qkv.bias, sd["blocks.1.attn.qkv.bias"])
+
+
+def test_checkpoint_filter_resizes_position_tables(model):
+    """Weights from a 16x16 grid load into an 8x8 model; prefix tokens are kept."""
+    big = MaskedAutoencoderViT(MAEConfig(**{**SMALL, "img_size": 64}))
+    sd = checkpoint_filter_fn({"module." + k: v for k, v in big.state_dict().items()}, model)
+    model.load_state_dict(sd, strict=True)
+    assert torch.equal(model.pos_embed[:, 0], big.pos_embed[:, 0])
+    same = resize_pos_embed(big.pos_embed, (16, 16))
+    assert same is big.pos_embed
+
+
+def test_presets_match_the_paper():
+    """ViT sizes (Dosovitskiy et al. 2021) and the 512-wide, 8-block, 16-head decoder of the MAE paper."""
+    expect = {"mae_vit_base_patch16": (768, 12, 12, 16), "mae_vit_large_patch16": (1024, 24, 16, 16),
+              "mae_vit_huge_patch14": (1280, 32, 16, 14)}  # fmt: skip
+    for name, (width, depth, heads, patch) in expect.items():
+        c = PRESETS[name]
+        assert (c.embed_dim, c.depth, c.num_heads, c.patch_size) == (width, depth, heads, patch)
+        assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (512, 8, 16)
+    base = create_model("mae_vit_base_patch16")
+    assert abs(sum(p.numel() for p in base.parameters()) / 1e6 - 111.9) < 0.1  # official MAE-Base: 111.9M
