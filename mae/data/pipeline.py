@@ -162,10 +162,22 @@ class SkipCounter:
 
     counts: Counter = field(default_factory=Counter)
     bad_shards: set = field(default_factory=set)
+    current: str = ""  # the shard being read, noted by ``reading``
+
+    def reading(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+        """Step before the tar reader: errors until the next shard is pulled belong to this one."""
+        for shard in src:
+            self.current = shard["url"]
+            yield shard
 
     def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: count the unreadable shard once, go on with the next."""
-        where = next((a for a in getattr(exn, "args", ())[::-1] if isinstance(a, str) and a), repr(exn))
+        """webdataset handler: count the unreadable shard once, go on with the next.
+
+        A tar cut mid-member is reported twice with different args (from inside the tar,
+        "... @ <stream>", then from the shard loop with the url), so key on the shard read."""
+        where = self.current or next(
+            (a for a in getattr(exn, "args", ())[::-1] if isinstance(a, str) and a), repr(exn)
+        )
         if where not in self.bad_shards:
             self.bad_shards.add(where)
             self.counts["unreadable_tar"] += 1
@@ -296,6 +308,7 @@ class ShardLoader:
         self.counter = SkipCounter()
         self._pipeline = wds.DataPipeline(
             ShardStream(self.urls, self.ctx, shuffle, resampled),
+            self.counter.reading,
             wds.tarfile_to_samples(handler=self.counter.tar_error),
             SampleShuffle(self.ctx, shuffle_buffer if shuffle else 0),
             DecodeImages(transform, self.counter),

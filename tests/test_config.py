@@ -1,0 +1,101 @@
+"""Stage configs: defaults, YAML, key=value in that order; bad keys and values named before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mae.config import ConfigError, load_config, parse_overrides
+from mae.pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 10\nblr: 1.0e-3\ndata:\n  num_workers: 1\n  train: a.tar\n")
+    cfg = load_config(PretrainConfig, f, ["epochs=20", "data.train=b-{0..3}.tar", "clip_grad=1"])
+    assert cfg.epochs == 20  # the command line wins over the file
+    assert cfg.blr == 1e-3  # the file wins over the default
+    assert cfg.data.num_workers == 1 and cfg.data.train == "b-{0..3}.tar"
+    assert cfg.clip_grad == 1.0 and isinstance(cfg.clip_grad, float)
+    assert cfg.weight_decay == PretrainConfig().weight_decay  # untouched default
+
+
+def test_every_shipped_recipe_loads():
+    for path in sorted((ROOT / "pipelines" / "configs").glob("*.yaml")):
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.model in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("epochz=3", "'epochz'"),
+        ("data.trian=x.tar", "'data.trian'"),
+        ("epochs=many", "epochs"),
+        ("batch_size=1.5", "batch_size"),
+        ("norm_pix_loss=maybe", "norm_pix_loss"),
+        ("mixed_precision=fp8", "mixed_precision"),
+        ("model=mae_vit_enormous", "mae_vit_enormous"),
+        ("mask_ratio=1.2", "mask_ratio"),
+        ("accum_iter=0", "accum_iter"),
+        ("data=3", "data"),
+        ("epochs", "key=value"),
+    ],
+)
+def test_bad_key_or_value_is_named(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, None, [override])
+    assert named in str(err.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(PretrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(PretrainConfig, bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  shufle_buffer: 10\n")
+    with pytest.raises(ConfigError, match=r"'data\.shufle_buffer' in .*nested\.yaml"):
+        load_config(PretrainConfig, nested)
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=null", "e.f=x", "g="]) == {
+        "a": 1, "b": 0.5, "c": True, "d": None, "e": {"f": "x"}, "g": ""}  # fmt: skip
+
+
+def test_cli_rejects_bad_key_before_any_work(tmp_path):
+    """The stage exits 2 naming the key, and writes no run folder."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", f"output_dir={out}", "blrr=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "'blrr'" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_help_lists_keys():
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0
+    for key in ("data.train", "mask_ratio", "accum_iter", "resume", "mixed_precision"):
+        assert key in proc.stdout
+
+
+def test_cli_missing_shards_are_named(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", f"output_dir={out}",
+                           f"data.train={tmp_path}/nope-{{0..3}}.tar"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "nope-0.tar" in proc.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # the resolved config is kept with the run
+    assert saved["data"]["train"].endswith("nope-{0..3}.tar")

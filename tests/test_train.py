@@ -1,0 +1,161 @@
+"""Real pretraining runs on the shipped sample shards: the loss falls, outputs are written,
+and a killed or signalled run resumes to exactly the losses of an uninterrupted one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mae.checkpoint import list_checkpoints
+from mae.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 32  # 1,000 images in 4 shards, 2 workers x ceil(500 / 32) batches
+RUN = [
+    "data.train=shards/cifar10/test-{000000..000003}.tar", "data.val=shards/cifar10/test-000000.tar",
+    "batch_size=32", "epochs=3", "warmup_epochs=1", "log_every=1", "model_overrides.depth=4",
+    "progress=false", "num_vis=4",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+def stage(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.pretrain", f"output_dir={out}", *RUN, *extra]
+
+
+def run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(stage(out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def val_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the point the test waits for"
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 3 * STEPS_PER_EPOCH + 1))  # no step lost or repeated
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6), f"step {step}"
+    assert val_losses(b) == pytest.approx(val_losses(a), rel=1e-5)
+    wa, wb = load_file(str(a / "encoder.safetensors")), load_file(str(b / "encoder.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(out)
+    return out
+
+
+def test_short_run_lowers_loss_and_writes_outputs(reference_run):
+    out = reference_run
+    records = [m for m in read_metrics(out) if "loss" in m]
+    assert {"step", "epoch", "loss", "lr", "images_per_sec", "skipped"} <= records[0].keys()
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    vals = list(val_losses(out).values())
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    assert records[0]["lr"] < records[STEPS_PER_EPOCH - 1]["lr"]  # warm-up rises...
+    assert records[-1]["lr"] < 0.01 * max(r["lr"] for r in records)  # ...then cosine decays to ~0
+    assert all(r["skipped"] == 0 for r in records)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    picture = Image.open(out / "reconstructions" / "epoch-0002.png")
+    assert picture.width > 4 * 128 and picture.height > 4 * 128  # 4 columns, 4 images, enlarged
+    assert (out / "config.yaml").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000064", "ckpt-00000096"]  # keep_last=2
+
+
+def test_encoder_export_loads_into_timm(reference_run):
+    path = reference_run / "encoder.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    vit = timm.create_model(meta["timm_name"], num_classes=0, **json.loads(meta["timm_kwargs"]))
+    assert meta["timm_name"] == "vit_tiny_patch16_224"
+    vit.load_state_dict(load_file(str(path)), strict=True)
+
+
+def test_killed_run_resumes_with_the_same_losses(reference_run, tmp_path):
+    """SIGKILL after the first checkpoint, resume=auto: the same losses, steps and weights."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(stage(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "checkpoints" / f"ckpt-{STEPS_PER_EPOCH:08d}").is_dir(), proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "encoder.safetensors").exists()  # it really was cut short
+    run(out, "resume=auto")
+    assert_same_run(reference_run, out)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference_run, tmp_path):
+    """SIGTERM mid-epoch: a checkpoint at the next step, a clean exit, and an exact resume."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(stage(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    mid = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= mid, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    step = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert step % STEPS_PER_EPOCH != 0  # a mid-epoch checkpoint
+    assert max(train_losses(out)) == step
+    run(out, "resume=auto")
+    assert_same_run(reference_run, out)
+
+
+def test_non_finite_loss_stops_without_touching_checkpoints(reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    proc = run(out, "resume=checkpoints/x", "epochs=5", "lr=1e30", check=False)
+    assert proc.returncode == 2 and "resume=checkpoints/x" in proc.stderr  # a bad resume path is named
+    proc = run(out, "resume=auto", "epochs=5", "lr=1e30", check=False)
+    assert proc.returncode == 1
+    assert "loss is not finite" in proc.stderr
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_accum_iter_longer_than_an_epoch_is_an_error(tmp_path):
+    proc = run(tmp_path / "run", "accum_iter=40", check=False)
+    assert proc.returncode == 2
+    assert "accum_iter=40" in proc.stderr and "32 batches" in proc.stderr
