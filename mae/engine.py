@@ -276,28 +276,32 @@ class Trainer:
 
     def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: dict,
              skipped_by_worker: dict[int, dict[str, int]]) -> dict[str, Any]:  # fmt: skip
-        reasons = sorted({r for counts in skipped_by_worker.values() for r in counts})
-        local = [window["loss"], window["n"], window["images"]]
-        local += [sum(c.get(r, 0) for c in skipped_by_worker.values()) for r in reasons]
-        totals = self._sum(local) if not reasons or self.world == 1 else self._sum_skips(local, reasons)
+        skipped: dict[str, int] = {}
+        for counts in self._gather(skipped_by_worker):
+            for reason, n in counts.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        loss_sum, n, images = self._sum([window["loss"], window["n"], window["images"]])
         elapsed = time.perf_counter() - window["t"]
         record = {
             "epoch": epoch,
-            "loss": totals[0] / max(1, totals[1]),
+            "loss": loss_sum / max(1, n),
             "lr": lr,
-            "images_per_sec": totals[2] / elapsed if elapsed > 0 else 0.0,
-            "skipped": int(sum(totals[3:])),
+            "images_per_sec": images / elapsed if elapsed > 0 else 0.0,
+            "skipped": sum(skipped.values()),
         }
-        if reasons:
-            record["skipped_by_reason"] = {r: int(v) for r, v in zip(reasons, totals[3:])}
+        if skipped:
+            record["skipped_by_reason"] = dict(sorted(skipped.items()))
         metrics.log(step, **record)
         window.update(loss=0.0, n=0, images=0, t=time.perf_counter())
         return record
 
-    def _sum_skips(self, local: list[float], reasons: list[str]) -> list[float]:
-        # Ranks may have met different skip reasons; sum the totals only, keyed by position.
-        head = self._sum(local[:3] + [sum(local[3:])])
-        return head[:3] + [head[3]] if len(reasons) != 1 else head
+    def _gather(self, by_worker: dict[int, dict[str, int]]) -> list[dict[str, int]]:
+        """Every rank's per-worker skip counts (reasons differ across ranks, so objects, not tensors)."""
+        if self.world == 1:
+            return list(by_worker.values())
+        from accelerate.utils import gather_object
+
+        return [counts for rank_counts in gather_object([list(by_worker.values())]) for counts in rank_counts]
 
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
         state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg)}

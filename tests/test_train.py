@@ -159,3 +159,32 @@ def test_accum_iter_longer_than_an_epoch_is_an_error(tmp_path):
     proc = run(tmp_path / "run", "accum_iter=40", check=False)
     assert proc.returncode == 2
     assert "accum_iter=40" in proc.stderr and "32 batches" in proc.stderr
+
+
+def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
+    """Undecodable, zero-byte and image-less members planted in real shards: the run finishes and logs the count."""
+    import io
+    import tarfile
+
+    from mae.data.shard_index import read_index, write_index
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):
+        shutil.copy(ROOT / "shards" / "cifar10" / f"test-{i:06d}.tar", shards)
+    index = read_index(ROOT / "shards" / "cifar10" / "test-index.json")
+    planted = {0: [("a0.jpg", b"not a jpeg"), ("a1.jpg", b"")], 1: [("b0.cls", b"3")]}
+    for shard, members in planted.items():
+        with tarfile.open(shards / f"test-{shard:06d}.tar", "a") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        index.shards[shard].samples += len(members)
+    write_index(shards, index)
+    out = tmp_path / "run"
+    run(out, f"data.train={shards}/test-{{000000..000003}}.tar", "data.val=", "epochs=1", "batch_size=64",
+        "model_overrides.depth=1")  # fmt: skip
+    last = [m for m in read_metrics(out) if "loss" in m][-1]
+    assert last["skipped"] == 3
+    assert last["skipped_by_reason"] == {"undecodable": 2, "no_image": 1}
