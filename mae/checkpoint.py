@@ -1,7 +1,7 @@
 """Checkpoints that resume exactly and never run code when loaded.
 
 Layout of ``<output_dir>/checkpoints/ckpt-<step>/``:
-    model.safetensors     full model weights
+    model.safetensors     full model weights (and <name>.safetensors for extra modules, e.g. EMA)
     state.pt              optimiser, step, epoch, config (plain tensors and numbers)
     rng-rank<r>.pt        each rank's RNG states
 A checkpoint is written to ``ckpt-<step>.tmp`` and renamed when every file is complete,
@@ -98,6 +98,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int = 2,
+    extra: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
     final = checkpoints_dir(output_dir) / f"{PREFIX}{step:08d}"
@@ -105,8 +106,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        _fsync_write(tmp / "model.safetensors", lambda p: save_file(weights, str(p)))
+        modules = {"model": accelerator.unwrap_model(model), **(extra or {})}
+        for name, module in modules.items():
+            weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            _fsync_write(tmp / f"{name}.safetensors", lambda p, w=weights: save_file(w, str(p)))
         payload = dict(state, optimizer=optimizer.state_dict())
         if accelerator.scaler is not None:
             payload["scaler"] = accelerator.scaler.state_dict()
@@ -130,11 +133,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator: Any, path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    accelerator: Any,
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Restore weights, optimiser, scaler and this rank's RNG; returns the saved state."""
     path = Path(path)
-    accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    modules = {"model": accelerator.unwrap_model(model), **(extra or {})}
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))

@@ -14,6 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError
-from .data.pipeline import DataConfig, ShardLoader
+from .data.pipeline import DataConfig
 from .metrics import MetricsLogger
 from .optim import lr_at, scaled_lr
 
@@ -65,14 +66,37 @@ class RunConfig:
             raise ValueError(f"clip_grad must be positive or null, got {self.clip_grad}")
 
 
-class Task(Protocol):
-    """What a stage supplies to the loop."""
+class Loader(Protocol):
+    """What the loop reads batches from (``ShardLoader``, or cached features)."""
 
-    def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
+    def set_epoch(self, epoch: int) -> None: ...
 
-    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]: ...
+    def batches_per_epoch(self, epoch: int) -> int: ...
 
-    def finish(self, model: torch.nn.Module, output_dir: Path) -> None: ...
+    def unseen_per_epoch(self, epoch: int) -> int: ...
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+
+class Task:
+    """What a stage supplies to the loop: the loss of a batch, and optional hooks."""
+
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """After each optimiser step (e.g. an EMA update)."""
+
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        """On every rank, every ``eval_every`` epochs; the metrics returned are logged."""
+        return {}
+
+    def extra_state(self) -> dict[str, torch.nn.Module]:
+        """Modules besides the model that checkpoints must carry (e.g. EMA weights)."""
+        return {}
+
+    def finish(self, model: torch.nn.Module, output_dir: Path) -> None:
+        """On the main process after the last epoch (e.g. export weights)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -128,7 +152,7 @@ class Trainer:
         accelerator: Any,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        loader: ShardLoader,
+        loader: Loader,
         task: Task,
     ) -> None:
         self.cfg, self.acc, self.model, self.optimizer, self.loader, self.task = (
@@ -169,7 +193,8 @@ class Trainer:
         start_step, start_epoch, skip_steps = 0, 0, 0
         resume_from = resolve_resume(cfg.resume, self.output_dir)
         if resume_from is not None:
-            state = load_checkpoint(acc, resume_from, model=self.model, optimizer=self.optimizer)
+            state = load_checkpoint(acc, resume_from, model=self.model, optimizer=self.optimizer,
+                                    extra=self.task.extra_state())  # fmt: skip
             start_step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
             acc.print(f"resumed from {resume_from} at epoch {start_epoch}, step {start_step}")
         metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process,
@@ -258,6 +283,8 @@ class Trainer:
                     window["nonfinite"] = True
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    self.task.after_step(self.model, step + 1)
             window["loss"] += loss.item() if finite else math.nan
             window["n"] += 1
             window["images"] += images.shape[0]
@@ -306,7 +333,7 @@ class Trainer:
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
         state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg)}
         save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
-                        state=state, keep_last=self.cfg.keep_last)  # fmt: skip
+                        state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .data.pipeline import ShardLoader
+from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform
-from .engine import FitResult, RunConfig, Trainer
+from .encoder import ENCODER_FILE
+from .engine import FitResult, RunConfig, Task, Trainer
 from .models.mae_vit import PRESETS, MaskedAutoencoderViT, create_model
 from .optim import param_groups
 from .visualize import reconstruct, save_reconstructions
 
-ENCODER_FILE = "encoder.safetensors"
 
 
 @dataclass
@@ -59,7 +59,7 @@ def save_encoder(model: MaskedAutoencoderViT, path: str | Path) -> Path:
     return path
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """MAE's loss for the loop; evaluation = masked loss on validation shards (fixed masks)
     and a reconstruction picture."""
 
@@ -112,14 +112,8 @@ def pretrain(cfg: PretrainConfig, accelerator: Any) -> FitResult:
     model = build_model(cfg)
     size = model.cfg.img_size
     rank, world = accelerator.process_index, accelerator.num_processes
-    d = cfg.data
-    train = ShardLoader(d.train, pretrain_transform(size), batch_size=cfg.batch_size, num_workers=d.num_workers,
-                        rank=rank, world_size=world, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                        resampled=d.resampled, samples_per_epoch=d.samples_per_epoch)  # fmt: skip
-    val = None
-    if d.val:
-        val = ShardLoader(d.val, eval_transform(size), batch_size=cfg.batch_size, num_workers=min(1, d.num_workers),
-                          rank=rank, world_size=world, seed=cfg.seed, shuffle=False)  # fmt: skip
+    train, val = make_loaders(cfg.data, pretrain_transform(size), eval_transform(size), batch_size=cfg.batch_size,
+                              seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
                                   betas=(0.9, 0.95))  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -42,6 +42,7 @@ class DataConfig:
 
     train: str = "shards/cifar10/train-{000000..000007}.tar"  # brace pattern, glob, folder, URL; "::" joins
     val: str = "shards/cifar10/test-{000000..000003}.tar"  # "" for none
+    shuffle: bool = True  # shuffle shards and samples (seeded by seed and epoch)
     num_workers: int = 2  # loader processes per training process
     shuffle_buffer: int = 1000  # samples held for shuffling
     resampled: bool = False  # draw shards with replacement, a fixed samples_per_epoch
@@ -87,6 +88,18 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not urls:
         raise DataError(f"no shards in {spec!r}")
     return urls
+
+
+def shard_classes(spec: str | list[str]) -> list[str] | None:
+    """Class names from the index beside the first local shard; None when unlabelled or unindexed."""
+    url = expand_shards(spec)[0]
+    if url.startswith(REMOTE_PREFIXES):
+        return None
+    name = Path(url).name
+    for index in find_indexes(Path(url).parent):
+        if name in index.counts():
+            return index.classes
+    return None
 
 
 def shard_sizes(urls: list[str]) -> dict[str, int] | None:
@@ -354,3 +367,18 @@ class ShardLoader:
         self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
         self.counter.bad_shards.clear()
         return iter(loader)
+
+
+def make_loaders(
+    d: DataConfig, train_transform: Transform, val_transform: Transform, *, batch_size: int, seed: int,
+    rank: int, world_size: int,
+) -> tuple[ShardLoader, ShardLoader | None]:  # fmt: skip
+    """The train loader (shuffled as configured) and the val loader (in order, one worker), or None without val."""
+    train = ShardLoader(d.train, train_transform, batch_size=batch_size, num_workers=d.num_workers, rank=rank,
+                        world_size=world_size, seed=seed, shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer,
+                        resampled=d.resampled, samples_per_epoch=d.samples_per_epoch)  # fmt: skip
+    val = None
+    if d.val:
+        val = ShardLoader(d.val, val_transform, batch_size=batch_size, num_workers=min(1, d.num_workers),
+                          rank=rank, world_size=world_size, seed=seed, shuffle=False)  # fmt: skip
+    return train, val

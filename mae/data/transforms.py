@@ -24,6 +24,16 @@ def pretrain_transform(img_size: int, scale: tuple[float, float] = (0.2, 1.0)) -
     ])  # fmt: skip
 
 
+def probe_transform(img_size: int) -> Transform:
+    """Linear-probe training: RandomResizedCrop (default scale, bicubic) and flip only (He et al. 2021, A.2)."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+
+
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Transform:
     """Resize the short side to img_size / crop_pct, centre crop (Resize 256 + crop 224 at 224)."""
     return T.Compose([

@@ -1,0 +1,93 @@
+"""Measures of a trained encoder or classifier: top-k accuracy, k-NN on frozen features,
+feature extraction across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """How many of the batch have their label among the top k, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # [N, kmax]
+    hits = top == labels.unsqueeze(1)
+    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any
+) -> dict[str, float]:
+    """top1 / top5 in percent and mean cross-entropy over all ranks' batches."""
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for batch in batches:
+        x = batch["image"].to(accelerator.device)
+        y = batch["label"].to(accelerator.device)
+        with accelerator.autocast():
+            logits = forward(x).float()
+        c1, c5 = topk_correct(logits, y)
+        correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+    sums = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    c1, c5, n, loss = sums.tolist()
+    n = max(n, 1.0)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "val_loss": loss / n}
+
+
+@torch.no_grad()
+def extract_features(
+    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's features [N, D] (float32, CPU) and labels [N], in reading order."""
+    feats, labels = [], []
+    for batch in batches:
+        with accelerator.autocast():
+            f = features(batch["image"].to(accelerator.device))
+        feats.append(f.float().cpu())
+        labels.append(batch["label"])
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def gather_all(tensor: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """Concatenate every rank's rows (row counts may differ across ranks)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    from accelerate.utils import gather_object
+
+    return torch.cat(gather_object([tensor]))
+
+
+@torch.no_grad()
+def knn_classify(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Weighted k-NN on cosine similarity (Wu et al. 2018, as DINO evaluates): each of the
+    k nearest training samples votes for its class with weight exp(similarity / T)."""
+    bank = F.normalize(train_feats.float(), dim=1)
+    k = min(k, bank.shape[0])
+    correct1 = correct5 = 0
+    for start in range(0, test_feats.shape[0], chunk):
+        q = F.normalize(test_feats[start : start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # [n, k]
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes).scatter_add_(1, train_labels[idx], weights)
+        c1, c5 = topk_correct(votes, test_labels[start : start + chunk])
+        correct1, correct5 = correct1 + c1, correct5 + c5
+    n = max(1, test_feats.shape[0])
+    return {"knn_top1": 100.0 * correct1 / n, "knn_top5": 100.0 * correct5 / n}

@@ -1,0 +1,160 @@
+"""The fine-tuning stage: a timm ViT initialised from the encoder (or from scratch), trained
+end to end with the MAE paper's recipe (He et al. 2021, appendix A.3), all from timm's
+pieces: layer-wise lr decay, Mixup/CutMix, label smoothing, RandAugment, random erasing,
+drop path and optional EMA of the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
+
+from .data.pipeline import make_loaders, shard_classes
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .encoder import create_vit
+from .engine import FitResult, RunConfig, Task, Trainer, base_lr
+from .evaluation import evaluate_classifier
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Defaults: the encoder of ``runs/pretrain`` on the shipped labelled sample, minutes on CPU.
+    The paper's ViT-B recipe: 100 epochs, 5 warm-up, blr 5e-4, batch 1024, layer decay 0.65,
+    drop path 0.1 (Large/Huge: 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.2/0.3)."""
+
+    output_dir: str = "runs/finetune"
+    pretrained: str = "runs/pretrain"  # run folder, checkpoint, encoder file, released .pth, or "none"
+    model: str = "auto"  # any timm ViT name (hybrids too); "auto" takes it from the pretrained encoder
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    img_size: int | None = None  # fine-tune at another resolution; position embeddings are interpolated
+    global_pool: str = "avg"  # "avg" (with fc_norm, the paper's choice) or "token"
+    drop_path: float = 0.1
+    layer_decay: float = 0.65  # lr of block i scaled by layer_decay^(depth + 1 - i)
+    epochs: int = 5
+    batch_size: int = 64
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    mixup: float = 0.8  # Mixup alpha; 0 turns it off
+    cutmix: float = 1.0  # CutMix alpha; 0 turns it off
+    smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # RandAugment policy; "" for none
+    reprob: float = 0.25  # random erasing probability
+    ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's layer-decay groups (each with an ``lr_scale`` the loop applies); no decay on
+    norms, biases, position embeddings and tokens."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+
+
+class FinetuneTask(Task):
+    def __init__(self, cfg: FinetuneConfig, accelerator: Any, val: Any, num_classes: int, model: nn.Module) -> None:
+        self.cfg, self.acc, self.val = cfg, accelerator, val
+        mixing = cfg.mixup > 0 or cfg.cutmix > 0
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                           num_classes=num_classes) if mixing else None  # fmt: skip
+        if mixing:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+        self.best_path = Path(cfg.output_dir) / "best.json"
+        self.best = json.loads(self.best_path.read_text())["top1"] if cfg.resume and self.best_path.exists() else -1.0
+        self.results: dict[str, float] = {}
+
+    def train_step(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        if self.mixup is not None:
+            if len(x) % 2:  # timm's Mixup pairs samples: drop one from an odd final batch
+                x, y = x[:-1], y[:-1]
+            x, y = self.mixup(x, y)
+        return self.criterion(model(x).float(), y)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.acc.unwrap_model(model), step=step)
+
+    def extra_state(self) -> dict[str, nn.Module]:
+        return {"ema": self.ema} if self.ema is not None else {}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        net = self.acc.unwrap_model(model).eval()
+        self.val.set_epoch(0)
+        metrics = evaluate_classifier(net, self.val, self.acc)
+        if self.ema is not None:
+            self.val.set_epoch(0)
+            ema = evaluate_classifier(self.ema.module.eval(), self.val, self.acc)
+            metrics.update({f"{k}_ema": v for k, v in ema.items()})
+        net.train()
+        if self.acc.is_main_process and metrics["top1"] > self.best:
+            self.best = metrics["top1"]
+            _save_weights(net, Path(self.cfg.output_dir) / "best.safetensors")
+            self.best_path.write_text(json.dumps({"epoch": epoch, **metrics}) + "\n")
+        self.results = dict(metrics, best_top1=self.best)
+        return metrics
+
+    def finish(self, model: nn.Module, output_dir: Path) -> None:
+        _save_weights(model, output_dir / "model.safetensors")
+        (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
+        print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def train_transform(cfg: FinetuneConfig, img_size: int) -> Any:
+    """timm's ImageNet training transform as the MAE recipe configures it."""
+    return create_transform(input_size=img_size, is_training=True, auto_augment=cfg.auto_augment or None,
+                            interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
+
+
+def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    classes = shard_classes(cfg.data.train)
+    if not classes:
+        raise ValueError(f"data.train={cfg.data.train}: fine-tuning needs labelled shards (an index with class names)")
+    model = create_vit(cfg.model, cfg.pretrained, num_classes=len(classes), model_kwargs=cfg.model_kwargs,
+                       img_size=cfg.img_size, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)  # fmt: skip
+    size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg.img_size or 224
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train, val = make_loaders(cfg.data, train_transform(cfg, size), eval_transform(size), batch_size=cfg.batch_size,
+                              seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr(cfg, world))
+    model = model.to(accelerator.device)
+    task = FinetuneTask(cfg, accelerator, val, len(classes), model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.seed + rank)
+    return Trainer(cfg, accelerator, model, optimizer, train, task).fit()

@@ -1,0 +1,19 @@
+"""Supervised fine-tuning of a timm ViT from a pretrained encoder (or from scratch: pretrained=none).
+
+    accelerate launch -m pipelines.finetune pretrained=runs/pretrain [--config FILE] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mae.finetune import FinetuneConfig, finetune
+from pipelines.launch import run_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(FinetuneConfig, finetune, argv, prog="pipelines.finetune", doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
