@@ -106,6 +106,11 @@ class PretrainTask(Task):
 
 def pretrain(cfg: PretrainConfig, accelerator: Any) -> FitResult:
     """Build model, data and optimiser for ``cfg`` and run the loop."""
+    return build_trainer(cfg, accelerator).fit()
+
+
+def build_trainer(cfg: PretrainConfig, accelerator: Any) -> Trainer:
+    """Everything of a pretraining run, ready to ``fit()``."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the same initial weights on every rank
@@ -118,5 +123,4 @@ def pretrain(cfg: PretrainConfig, accelerator: Any) -> FitResult:
                                   betas=(0.9, 0.95))  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed + rank)  # masks differ across ranks, as their images do
-    trainer = Trainer(cfg, accelerator, model, optimizer, train, PretrainTask(cfg, accelerator, val))
-    return trainer.fit()
+    return Trainer(cfg, accelerator, model, optimizer, train, PretrainTask(cfg, accelerator, val))

@@ -14,6 +14,11 @@ from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
 
 
+# Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
+# EX_TEMPFAIL); a job script requeues on it and resume=auto continues.
+EXIT_STOPPED = 75
+
+
 def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -36,7 +41,7 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.print(f"{prog}: {accelerator.num_processes} process(es) on {accelerator.device}, output in {cfg.output_dir}")
     try:
-        stage(cfg, accelerator)
+        result = stage(cfg, accelerator)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -45,4 +50,6 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         return 1
     finally:
         accelerator.end_training()
+    if getattr(result, "stopped_by_signal", False):
+        return EXIT_STOPPED
     return 0

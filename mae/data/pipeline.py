@@ -291,6 +291,7 @@ class ShardLoader:
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         samples_per_epoch: int | None = None,
+        every_reader_needs_a_shard: bool = True,
     ) -> None:
         self.urls = expand_shards(spec)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -305,7 +306,8 @@ class ShardLoader:
                 samples_per_epoch = sum(self.sizes.values())
             self.samples_per_epoch = samples_per_epoch
         else:
-            if len(self.urls) < readers:
+            # Training needs every rank busy (ranks step together); evaluation can leave one idle.
+            if len(self.urls) < readers and every_reader_needs_a_shard:
                 raise DataError(
                     f"{len(self.urls)} shard(s) cannot feed {world_size} process(es) x {max(1, num_workers)} "
                     f"loader worker(s) = {readers} readers in a finite epoch: each reader needs a shard of its own. "
@@ -380,5 +382,6 @@ def make_loaders(
     val = None
     if d.val:
         val = ShardLoader(d.val, val_transform, batch_size=batch_size, num_workers=min(1, d.num_workers),
-                          rank=rank, world_size=world_size, seed=seed, shuffle=False)  # fmt: skip
+                          rank=rank, world_size=world_size, seed=seed, shuffle=False,
+                          every_reader_needs_a_shard=False)  # fmt: skip
     return train, val
