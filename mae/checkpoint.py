@@ -3,6 +3,7 @@
 Layout of ``<output_dir>/checkpoints/ckpt-<step>/``:
     model.safetensors     full model weights (and <name>.safetensors for extra modules, e.g. EMA)
     state.pt              optimiser, step, epoch, config (plain tensors and numbers)
+    optimizer-rank<r>.pt  under DeepSpeed ZeRO, each rank's part of the optimiser state
     rng-rank<r>.pt        each rank's RNG states
 A checkpoint is written to ``ckpt-<step>.tmp`` and renamed when every file is complete,
 so a killed job never leaves a half checkpoint where a good one was, and resume ignores
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
@@ -89,6 +91,11 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_is_sharded(accelerator: Any) -> bool:
+    """Under DeepSpeed ZeRO each rank holds its own part of the optimiser state."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def save_checkpoint(
     accelerator: Any,
     output_dir: str | Path,
@@ -106,16 +113,24 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        modules = {"model": accelerator.unwrap_model(model), **(extra or {})}
-        for name, module in modules.items():
-            weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            _fsync_write(tmp / f"{name}.safetensors", lambda p, w=weights: save_file(w, str(p)))
-        payload = dict(state, optimizer=optimizer.state_dict())
+    weights = accelerator.get_state_dict(model)  # collective under ZeRO-3: gathers the shards
+    sharded = optimizer_is_sharded(accelerator)
+    if accelerator.is_main_process:
+        tensors = {"model": weights, **{k: m.state_dict() for k, m in (extra or {}).items()}}
+        for name, sd in tensors.items():
+            plain = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+            _fsync_write(tmp / f"{name}.safetensors", lambda p, w=plain: save_file(w, str(p)))
+        payload = dict(state, optimizer_sharded=sharded)
+        if not sharded:
+            payload["optimizer"] = optimizer.state_dict()
         if accelerator.scaler is not None:
             payload["scaler"] = accelerator.scaler.state_dict()
         _fsync_write(tmp / "state.pt", lambda p: torch.save(payload, p))
     accelerator.wait_for_everyone()
-    _fsync_write(tmp / f"rng-rank{accelerator.process_index}.pt", lambda p: torch.save(capture_rng(), p))
+    rank = accelerator.process_index
+    _fsync_write(tmp / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
+    if sharded:
+        _fsync_write(tmp / f"optimizer-rank{rank}.pt", lambda p: torch.save(optimizer.state_dict(), p))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again: swap, never leave neither
@@ -132,22 +147,44 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    accelerator: Any,
-    path: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    extra: dict[str, torch.nn.Module] | None = None,
-) -> dict[str, Any]:
-    """Restore weights, optimiser, scaler and this rank's RNG; returns the saved state."""
+def load_model_weights(path: str | Path, model: torch.nn.Module, extra: dict[str, torch.nn.Module] | None = None) -> None:
+    """Before ``accelerator.prepare``: the weights go into the plain modules, which DeepSpeed
+    then partitions as usual."""
     path = Path(path)
-    modules = {"model": accelerator.unwrap_model(model), **(extra or {})}
-    for name, module in modules.items():
+    for name, module in {"model": model, **(extra or {})}.items():
         module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+
+
+def _zero_safe_globals() -> list:
+    """The few plain-data classes a DeepSpeed ZeRO optimiser state holds besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """After ``accelerator.prepare``: optimiser (this rank's part under ZeRO), scaler and this
+    rank's RNG. Returns step, epoch and the rest of the saved state."""
+    path = Path(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    if optimizer is not None:
+    if state.get("optimizer_sharded", False) != optimizer_is_sharded(accelerator):
+        raise ValueError(f"{path} was saved {'with' if state.get('optimizer_sharded') else 'without'} DeepSpeed: "
+                         "resume it under the same kind of launch")  # fmt: skip
+    if "optimizer" in state:
         optimizer.load_state_dict(state.pop("optimizer"))
+    else:
+        shard = path / f"optimizer-rank{accelerator.process_index}.pt"
+        if not shard.exists():
+            raise FileNotFoundError(f"{shard} missing: resume a ZeRO checkpoint on as many processes as saved it")
+        with torch.serialization.safe_globals(_zero_safe_globals()):
+            optimizer_state = torch.load(shard, map_location="cpu", weights_only=True)
+        # ZeRO's optimiser takes one entry per data-parallel rank and reads its own; the
+        # fp32 master weights come from the file, not from the (possibly 16-bit) model.
+        parts = [optimizer_state if r == accelerator.process_index else None for r in range(accelerator.num_processes)]
+        zero = getattr(optimizer, "optimizer", optimizer)
+        zero.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.pop("scaler"))
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from timm.layers import resample_patch_embed
 
 from .checkpoint import find_latest, load_weights
-from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig
+from .models.mae_vit import PRESETS, MAEConfig, encoder_only
 from .models.pos_embed import resize_pos_embed
 
 ENCODER_FILE = "encoder.safetensors"
@@ -68,8 +68,7 @@ def _metadata_from_checkpoint(folder: Path) -> dict[str, Any]:
 
 def encoder_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Encoder weights in timm names: decoder and mask token dropped, DDP prefixes stripped."""
-    sd = load_weights(resolve_pretrained(source))
-    return {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith(DECODER_PREFIXES)}
+    return encoder_only(load_weights(resolve_pretrained(source)))
 
 
 def adapt_to(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

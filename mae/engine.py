@@ -1,6 +1,6 @@
 """The training loop every stage shares.
 
-A stage hands over a prepared model and optimiser, a ``ShardLoader`` and a ``Task``
+A stage hands over its model and optimiser (unprepared), a loader and a ``Task``
 (how to get a loss from a batch, how to evaluate, what to export at the end). The loop
 owns the step: gradient accumulation, the lr schedule, clipping, the non-finite-loss
 guard, logging, checkpoints, resume and graceful stops on SIGTERM/SIGUSR1.
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError
 from .data.pipeline import DataConfig
 from .metrics import MetricsLogger
@@ -95,8 +95,9 @@ class Task:
         """Modules besides the model that checkpoints must carry (e.g. EMA weights)."""
         return {}
 
-    def finish(self, model: torch.nn.Module, output_dir: Path) -> None:
-        """On the main process after the last epoch (e.g. export weights)."""
+    def finish(self, model: torch.nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """On the main process after the last epoch (e.g. export weights). ``state_dict`` is
+        the model's complete weights (the module's own may be sharded under ZeRO-3)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,6 +147,9 @@ class FitResult:
 
 
 class Trainer:
+    """Takes the model and optimiser unprepared: resumed weights go in first, then
+    ``accelerator.prepare`` (which shards them under DeepSpeed), then the optimiser state."""
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -155,8 +159,12 @@ class Trainer:
         loader: Loader,
         task: Task,
     ) -> None:
-        self.cfg, self.acc, self.model, self.optimizer, self.loader, self.task = (
-            cfg, accelerator, model, optimizer, loader, task)  # fmt: skip
+        self.cfg, self.acc, self.loader, self.task = cfg, accelerator, loader, task
+        self.output_dir = Path(cfg.output_dir)
+        self.resume_from = resolve_resume(cfg.resume, self.output_dir)
+        if self.resume_from is not None:
+            load_model_weights(self.resume_from, model, task.extra_state())
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.world = accelerator.num_processes
         micro = loader.batches_per_epoch(0)
         if cfg.accum_iter > micro:
@@ -168,7 +176,6 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.base_lr = base_lr(cfg, self.world)
-        self.output_dir = Path(cfg.output_dir)
 
     # -- collectives that keep ranks in step
 
@@ -191,10 +198,9 @@ class Trainer:
     def fit(self) -> FitResult:
         cfg, acc = self.cfg, self.acc
         start_step, start_epoch, skip_steps = 0, 0, 0
-        resume_from = resolve_resume(cfg.resume, self.output_dir)
+        resume_from = self.resume_from
         if resume_from is not None:
-            state = load_checkpoint(acc, resume_from, model=self.model, optimizer=self.optimizer,
-                                    extra=self.task.extra_state())  # fmt: skip
+            state = load_training_state(acc, resume_from, self.optimizer)
             start_step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
             acc.print(f"resumed from {resume_from} at epoch {start_epoch}, step {start_step}")
         metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process,
@@ -230,8 +236,9 @@ class Trainer:
                         acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
                 if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                     self._save(step, epoch + 1, 0)
+        weights = acc.get_state_dict(self.model)  # collective: complete even when ZeRO-3 shards it
         if acc.is_main_process:
-            self.task.finish(acc.unwrap_model(self.model), self.output_dir)
+            self.task.finish(acc.unwrap_model(self.model), self.output_dir, weights)
         acc.wait_for_everyone()
         metrics.close()
         return FitResult(step, cfg.epochs, False, result.last_metrics)
@@ -265,9 +272,11 @@ class Trainer:
                 with acc.autocast():
                     loss = self.task.train_step(self.model, batch)
                 finite = bool(torch.isfinite(loss.detach()).item())
-                acc.backward(loss)
+                window["all_finite"] = window.get("all_finite", True) and finite
                 if acc.sync_gradients:
-                    if not self._all(finite):
+                    # Checked before backward: under DeepSpeed the backward of the last
+                    # micro-batch also takes the optimiser step.
+                    if not self._all(window.pop("all_finite")):
                         raise NonFiniteLoss(
                             f"loss is not finite at epoch {epoch}, step {step}; stopping before the optimiser "
                             f"step, no checkpoint written. Last good checkpoint: {self.output_dir / 'checkpoints'}. "
@@ -277,10 +286,9 @@ class Trainer:
                                total_steps=self.total_steps, min_lr=cfg.min_lr)  # fmt: skip
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr * group.get("lr_scale", 1.0)
-                    if cfg.clip_grad is not None:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                elif not finite:
-                    window["nonfinite"] = True
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)  # DeepSpeed clips by its config
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:

@@ -3,11 +3,29 @@ feature extraction across ranks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def lockstep(batches: Iterable[dict[str, Any]], accelerator: Any, pad_shape: tuple[int, ...]) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(batch, real) until every rank has run out; a rank that runs out early gets padding
+    batches, so all ranks make the same forward calls (ZeRO-3 gathers weights collectively)."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
+            if accelerator.reduce(flag, reduction="sum").item() == 0:
+                return
+        elif batch is None:
+            return
+        if batch is None:
+            yield {"image": torch.zeros(1, *pad_shape), "label": torch.zeros(1, dtype=torch.long)}, False
+        else:
+            yield batch, True
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -20,16 +38,19 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def evaluate_classifier(
-    forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any
-) -> dict[str, float]:
+    forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any,
+    pad_shape: tuple[int, ...],
+) -> dict[str, float]:  # fmt: skip
     """top1 / top5 in percent and mean cross-entropy over all ranks' batches."""
     correct1 = correct5 = total = 0
     loss_sum = 0.0
-    for batch in batches:
+    for batch, real in lockstep(batches, accelerator, pad_shape):
         x = batch["image"].to(accelerator.device)
         y = batch["label"].to(accelerator.device)
         with accelerator.autocast():
             logits = forward(x).float()
+        if not real:
+            continue
         c1, c5 = topk_correct(logits, y)
         correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -43,13 +64,16 @@ def evaluate_classifier(
 
 @torch.no_grad()
 def extract_features(
-    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
+    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]], accelerator: Any,
+    pad_shape: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """This rank's features [N, D] (float32, CPU) and labels [N], in reading order."""
     feats, labels = [], []
-    for batch in batches:
+    for batch, real in lockstep(batches, accelerator, pad_shape):
         with accelerator.autocast():
             f = features(batch["image"].to(accelerator.device))
+        if not real:
+            continue
         feats.append(f.float().cpu())
         labels.append(batch["label"])
     if not feats:

@@ -71,8 +71,10 @@ def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float) 
 
 
 class FinetuneTask(Task):
-    def __init__(self, cfg: FinetuneConfig, accelerator: Any, val: Any, num_classes: int, model: nn.Module) -> None:
+    def __init__(self, cfg: FinetuneConfig, accelerator: Any, val: Any, num_classes: int, model: nn.Module,
+                 img_size: int) -> None:  # fmt: skip
         self.cfg, self.acc, self.val = cfg, accelerator, val
+        self.pad_shape = (3, img_size, img_size)
         mixing = cfg.mixup > 0 or cfg.cutmix > 0
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                            num_classes=num_classes) if mixing else None  # fmt: skip
@@ -107,28 +109,28 @@ class FinetuneTask(Task):
             return {}
         net = self.acc.unwrap_model(model).eval()
         self.val.set_epoch(0)
-        metrics = evaluate_classifier(net, self.val, self.acc)
+        metrics = evaluate_classifier(net, self.val, self.acc, self.pad_shape)
         if self.ema is not None:
             self.val.set_epoch(0)
-            ema = evaluate_classifier(self.ema.module.eval(), self.val, self.acc)
+            ema = evaluate_classifier(self.ema.module.eval(), self.val, self.acc, self.pad_shape)
             metrics.update({f"{k}_ema": v for k, v in ema.items()})
         net.train()
         if self.acc.is_main_process and metrics["top1"] > self.best:
             self.best = metrics["top1"]
-            _save_weights(net, Path(self.cfg.output_dir) / "best.safetensors")
+            _save_weights(net.state_dict(), Path(self.cfg.output_dir) / "best.safetensors")
             self.best_path.write_text(json.dumps({"epoch": epoch, **metrics}) + "\n")
         self.results = dict(metrics, best_top1=self.best)
         return metrics
 
-    def finish(self, model: nn.Module, output_dir: Path) -> None:
-        _save_weights(model, output_dir / "model.safetensors")
+    def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        _save_weights(state_dict, output_dir / "model.safetensors")
         (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
         print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def _save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
     tmp.replace(path)
 
 
@@ -154,7 +156,6 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
                               seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr(cfg, world))
     model = model.to(accelerator.device)
-    task = FinetuneTask(cfg, accelerator, val, len(classes), model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    task = FinetuneTask(cfg, accelerator, val, len(classes), model, size)
     set_seed(cfg.seed + rank)
     return Trainer(cfg, accelerator, model, optimizer, train, task).fit()

@@ -95,8 +95,9 @@ def lars_for(head: nn.Module, lr: float, weight_decay: float) -> Lars:
 
 
 class ProbeTask(Task):
-    def __init__(self, cfg: LinprobeConfig, accelerator: Any, val: Any, extra: dict[str, float]) -> None:
-        self.cfg, self.acc, self.val, self.extra = cfg, accelerator, val, extra
+    def __init__(self, cfg: LinprobeConfig, accelerator: Any, val: Any, extra: dict[str, float],
+                 pad_shape: tuple[int, ...]) -> None:  # fmt: skip
+        self.cfg, self.acc, self.val, self.extra, self.pad_shape = cfg, accelerator, val, extra, pad_shape
         self.results: dict[str, float] = dict(extra)
 
     def train_step(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -107,14 +108,14 @@ class ProbeTask(Task):
             return {}
         net = self.acc.unwrap_model(model).eval()
         self.val.set_epoch(0)
-        metrics = evaluate_classifier(net, self.val, self.acc)
+        metrics = evaluate_classifier(net, self.val, self.acc, self.pad_shape)
         net.train()
         self.results.update(metrics)
         return metrics
 
-    def finish(self, model: nn.Module, output_dir: Path) -> None:
-        head = model.head if isinstance(model, LinearProbe) else model
-        save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, str(output_dir / "head.safetensors"))
+    def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        head = {k.removeprefix("head."): v for k, v in state_dict.items() if not k.startswith("encoder.")}
+        save_file({k: v.contiguous().cpu() for k, v in head.items()}, str(output_dir / "head.safetensors"))
         (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
         print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))
 
@@ -157,11 +158,11 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
                                batches_per_epoch=_rank_min(-(-len(feats) // cfg.batch_size), accelerator))  # fmt: skip
         val_loader = FeatureLoader(*features["val"], batch_size=cfg.batch_size, shuffle=False) if val else None
         model: nn.Module = probe.head
+        pad_shape: tuple[int, ...] = (feats.shape[1],)
     else:
-        loader, val_loader, model = train, val, probe
+        loader, val_loader, model, pad_shape = train, val, probe, (3, size, size)
     optimizer = lars_for(probe.head, base_lr(cfg, world), cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return Trainer(cfg, accelerator, model, optimizer, loader, ProbeTask(cfg, accelerator, val_loader, extra)).fit()
+    return Trainer(cfg, accelerator, model, optimizer, loader, ProbeTask(cfg, accelerator, val_loader, extra, pad_shape)).fit()
 
 
 def _encode(probe: LinearProbe, cfg: LinprobeConfig, accelerator: Any, train: ShardLoader | None,
@@ -172,8 +173,9 @@ def _encode(probe: LinearProbe, cfg: LinprobeConfig, accelerator: Any, train: Sh
                                 seed=cfg.seed, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)  # fmt: skip
     train.set_epoch(0)
-    out: dict[str, Any] = {"train": extract_features(probe.features, train, accelerator), "val": None}
+    pad = (3, size, size)
+    out: dict[str, Any] = {"train": extract_features(probe.features, train, accelerator, pad), "val": None}
     if val is not None:
         val.set_epoch(0)
-        out["val"] = extract_features(probe.features, val, accelerator)
+        out["val"] = extract_features(probe.features, val, accelerator, pad)
     return out

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform
 from .encoder import ENCODER_FILE
+from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
-from .models.mae_vit import PRESETS, MaskedAutoencoderViT, create_model
+from .models.mae_vit import PRESETS, MaskedAutoencoderViT, create_model, encoder_only
 from .optim import param_groups
 from .visualize import reconstruct, save_reconstructions
 
@@ -47,11 +48,13 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     return create_model(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_overrides)
 
 
-def save_encoder(model: MaskedAutoencoderViT, path: str | Path) -> Path:
-    """The encoder alone in timm names, with what timm needs to rebuild it in the metadata."""
+def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """The encoder alone in timm names, with what timm needs to rebuild it in the metadata.
+    ``state_dict``: the complete weights when the module's own are sharded (ZeRO-3)."""
     c = model.cfg
     meta = {"timm_name": c.timm_name, "timm_kwargs": json.dumps(c.timm_kwargs()), "format": "pt"}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.encoder_state_dict().items()}
+    sd = model.encoder_state_dict() if state_dict is None else encoder_only(state_dict)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -81,27 +84,31 @@ class PretrainTask(Task):
             return {}
         net: MaskedAutoencoderViT = self.acc.unwrap_model(model)
         net.eval()
+        size = net.cfg.img_size
         total, count = 0.0, 0
         self.val.set_epoch(0)
-        for i, batch in enumerate(self.val):
+        for i, (batch, real) in enumerate(lockstep(self.val, self.acc, (3, size, size))):
             images = batch["image"].to(self.acc.device)
-            if self._vis is None and self.acc.is_main_process:
+            if self._vis is None and real:
                 self._vis = images[: self.cfg.num_vis].clone()
             with self.acc.autocast():
                 loss, _, _ = net(images, noise=self._noise(images.shape[0], net.cfg.num_patches, i))
-            total += loss.item() * images.shape[0]
-            count += images.shape[0]
+            if real:
+                total += loss.item() * images.shape[0]
+                count += images.shape[0]
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
         total, count = self.acc.reduce(sums, reduction="sum").tolist() if self.acc.num_processes > 1 else (total, count)
+        # every rank reconstructs (collective forwards under ZeRO-3); the main process draws
+        vis = self._vis if self._vis is not None else torch.zeros(1, 3, size, size, device=self.acc.device)
+        with self.acc.autocast():
+            pictures = reconstruct(net, vis, self._noise(vis.shape[0], net.cfg.num_patches, -1))
         if self.acc.is_main_process and self._vis is not None:
-            with self.acc.autocast():
-                pictures = reconstruct(net, self._vis, self._noise(self._vis.shape[0], net.cfg.num_patches, -1))
             save_reconstructions(pictures, Path(self.cfg.output_dir) / "reconstructions" / f"epoch-{epoch:04d}.png")
         net.train()
         return {"val_loss": total / max(1.0, count)}
 
-    def finish(self, model: torch.nn.Module, output_dir: Path) -> None:
-        save_encoder(model, output_dir / ENCODER_FILE)
+    def finish(self, model: torch.nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        save_encoder(model, output_dir / ENCODER_FILE, state_dict)
 
 
 def pretrain(cfg: PretrainConfig, accelerator: Any) -> FitResult:
@@ -121,6 +128,5 @@ def build_trainer(cfg: PretrainConfig, accelerator: Any) -> Trainer:
                               seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
                                   betas=(0.9, 0.95))  # fmt: skip
-    model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed + rank)  # masks differ across ranks, as their images do
     return Trainer(cfg, accelerator, model, optimizer, train, PretrainTask(cfg, accelerator, val))

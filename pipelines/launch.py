@@ -19,6 +19,32 @@ from mae.engine import NonFiniteLoss
 EXIT_STOPPED = 75
 
 
+def make_accelerator(cfg: Any) -> Any:
+    """Accelerate from the launcher's environment, with the stage's precision, accumulation
+    and clipping; under DeepSpeed these and the micro-batch go into DeepSpeed's config,
+    so every launch config reaches the same code path."""
+    import os
+
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if not torch.cuda.is_available():
+            # Accelerate names a backend only for accelerators; without one, DeepSpeed's
+            # group would go unseen (one process each). CPU runs use gloo.
+            PartialState(backend="gloo")
+        plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter, gradient_clipping=cfg.clip_grad or 0.0)
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter,
+                              deepspeed_plugin=plugin)  # fmt: skip
+    if plugin is not None:
+        plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes
+    return accelerator
+
+
 def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,13 +59,12 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
 
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter)
+    accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    accelerator.print(f"{prog}: {accelerator.num_processes} process(es) on {accelerator.device}, output in {cfg.output_dir}")
+    accelerator.print(f"{prog}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+                      f"on {accelerator.device}, output in {cfg.output_dir}")
     try:
         result = stage(cfg, accelerator)
     except (ConfigError, DataError, FileNotFoundError) as err:

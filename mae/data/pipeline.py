@@ -19,6 +19,7 @@ import glob
 import math
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -262,6 +263,13 @@ class TagBatches:
             yield {"image": images, "label": labels, "worker": worker, "skipped": dict(self.counter.counts)}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then ends
+    them; killed by the signal themselves, they would take the rank down first."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*samples)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
@@ -364,7 +372,7 @@ class ShardLoader:
         loader = DataLoader(
             self._pipeline, batch_size=None, num_workers=self.num_workers, generator=gen,
             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None, worker_init_fn=_ignore_stop_signals,
         )  # fmt: skip
         self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
         self.counter.bad_shards.clear()

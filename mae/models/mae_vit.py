@@ -282,10 +282,16 @@ class MaskedAutoencoderViT(nn.Module):
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder alone, in timm ``VisionTransformer`` names (no decoder, no head)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(DECODER_PREFIXES)}
+        return encoder_only(self.state_dict())
 
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def encoder_only(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the decoder's weights (and DDP's ``module.`` prefix) from a full MAE state dict."""
+    out = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return {k: v for k, v in out.items() if not k.startswith(DECODER_PREFIXES)}
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
