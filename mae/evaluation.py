@@ -3,11 +3,15 @@ feature extraction across ranks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .engine import Task
 
 
 def lockstep(batches: Iterable[dict[str, Any]], accelerator: Any, pad_shape: tuple[int, ...]) -> Iterator[tuple[dict[str, Any], bool]]:
@@ -115,3 +119,25 @@ def knn_classify(
         correct1, correct5 = correct1 + c1, correct5 + c5
     n = max(1, test_feats.shape[0])
     return {"knn_top1": 100.0 * correct1 / n, "knn_top5": 100.0 * correct5 / n}
+
+
+class ClassificationTask(Task):
+    """What the probe and fine-tune stages share: top-1/top-5 on the validation shards and
+    a ``results.json`` at the end."""
+
+    def __init__(self, accelerator: Any, val: Any, pad_shape: tuple[int, ...]) -> None:
+        self.acc, self.val, self.pad_shape = accelerator, val, pad_shape
+        self.results: dict[str, float] = {}
+
+    def score(self, net: torch.nn.Module) -> dict[str, float]:
+        """``net`` in eval mode over the whole validation set (every rank takes part)."""
+        was_training = net.training
+        net.eval()
+        self.val.set_epoch(0)
+        metrics = evaluate_classifier(net, self.val, self.acc, self.pad_shape)
+        net.train(was_training)
+        return metrics
+
+    def write_results(self, output_dir: Path) -> None:
+        (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
+        print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))

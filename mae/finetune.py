@@ -21,8 +21,8 @@ from timm.utils import ModelEmaV3
 from .data.pipeline import make_loaders, shard_classes
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .encoder import create_vit
-from .engine import FitResult, RunConfig, Task, Trainer, base_lr
-from .evaluation import evaluate_classifier
+from .engine import FitResult, RunConfig, Trainer, base_lr
+from .evaluation import ClassificationTask
 
 
 @dataclass
@@ -70,11 +70,11 @@ def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float) 
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
 
-class FinetuneTask(Task):
+class FinetuneTask(ClassificationTask):
     def __init__(self, cfg: FinetuneConfig, accelerator: Any, val: Any, num_classes: int, model: nn.Module,
                  img_size: int) -> None:  # fmt: skip
-        self.cfg, self.acc, self.val = cfg, accelerator, val
-        self.pad_shape = (3, img_size, img_size)
+        super().__init__(accelerator, val, (3, img_size, img_size))
+        self.cfg = cfg
         mixing = cfg.mixup > 0 or cfg.cutmix > 0
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                            num_classes=num_classes) if mixing else None  # fmt: skip
@@ -87,7 +87,6 @@ class FinetuneTask(Task):
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
         self.best_path = Path(cfg.output_dir) / "best.json"
         self.best = json.loads(self.best_path.read_text())["top1"] if cfg.resume and self.best_path.exists() else -1.0
-        self.results: dict[str, float] = {}
 
     def train_step(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
@@ -107,14 +106,10 @@ class FinetuneTask(Task):
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self.val is None:
             return {}
-        net = self.acc.unwrap_model(model).eval()
-        self.val.set_epoch(0)
-        metrics = evaluate_classifier(net, self.val, self.acc, self.pad_shape)
+        net = self.acc.unwrap_model(model)
+        metrics = self.score(net)
         if self.ema is not None:
-            self.val.set_epoch(0)
-            ema = evaluate_classifier(self.ema.module.eval(), self.val, self.acc, self.pad_shape)
-            metrics.update({f"{k}_ema": v for k, v in ema.items()})
-        net.train()
+            metrics.update({f"{k}_ema": v for k, v in self.score(self.ema.module).items()})
         if self.acc.is_main_process and metrics["top1"] > self.best:
             self.best = metrics["top1"]
             _save_weights(net.state_dict(), Path(self.cfg.output_dir) / "best.safetensors")
@@ -124,8 +119,7 @@ class FinetuneTask(Task):
 
     def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         _save_weights(state_dict, output_dir / "model.safetensors")
-        (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
-        print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))
+        self.write_results(output_dir)
 
 
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:

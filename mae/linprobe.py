@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from .data.features import FeatureLoader
 from .data.pipeline import ShardLoader, make_loaders, shard_classes
 from .data.transforms import eval_transform, probe_transform
 from .encoder import create_vit
-from .engine import FitResult, RunConfig, Task, Trainer, base_lr
-from .evaluation import evaluate_classifier, extract_features, gather_all, knn_classify
+from .engine import FitResult, RunConfig, Trainer, base_lr
+from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify
 
 
 @dataclass
@@ -94,11 +93,10 @@ def lars_for(head: nn.Module, lr: float, weight_decay: float) -> Lars:
                 lr=lr, momentum=0.9)  # fmt: skip
 
 
-class ProbeTask(Task):
-    def __init__(self, cfg: LinprobeConfig, accelerator: Any, val: Any, extra: dict[str, float],
-                 pad_shape: tuple[int, ...]) -> None:  # fmt: skip
-        self.cfg, self.acc, self.val, self.extra, self.pad_shape = cfg, accelerator, val, extra, pad_shape
-        self.results: dict[str, float] = dict(extra)
+class ProbeTask(ClassificationTask):
+    def __init__(self, accelerator: Any, val: Any, extra: dict[str, float], pad_shape: tuple[int, ...]) -> None:
+        super().__init__(accelerator, val, pad_shape)
+        self.results.update(extra)  # the k-NN measures, taken before training
 
     def train_step(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(model(batch["image"]).float(), batch["label"])
@@ -106,18 +104,14 @@ class ProbeTask(Task):
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self.val is None:
             return {}
-        net = self.acc.unwrap_model(model).eval()
-        self.val.set_epoch(0)
-        metrics = evaluate_classifier(net, self.val, self.acc, self.pad_shape)
-        net.train()
+        metrics = self.score(self.acc.unwrap_model(model))
         self.results.update(metrics)
         return metrics
 
     def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         head = {k.removeprefix("head."): v for k, v in state_dict.items() if not k.startswith("encoder.")}
         save_file({k: v.contiguous().cpu() for k, v in head.items()}, str(output_dir / "head.safetensors"))
-        (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
-        print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))
+        self.write_results(output_dir)
 
 
 def _rank_min(n: int, accelerator: Any) -> int:
@@ -162,7 +156,7 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
     else:
         loader, val_loader, model, pad_shape = train, val, probe, (3, size, size)
     optimizer = lars_for(probe.head, base_lr(cfg, world), cfg.weight_decay)
-    return Trainer(cfg, accelerator, model, optimizer, loader, ProbeTask(cfg, accelerator, val_loader, extra, pad_shape)).fit()
+    return Trainer(cfg, accelerator, model, optimizer, loader, ProbeTask(accelerator, val_loader, extra, pad_shape)).fit()
 
 
 def _encode(probe: LinearProbe, cfg: LinprobeConfig, accelerator: Any, train: ShardLoader | None,
