@@ -220,11 +220,13 @@ class Trainer:
         step, epoch, result = start_step, start_epoch, FitResult(start_step, start_epoch)
         with StopSignal() as stop:
             for epoch in range(start_epoch, cfg.epochs):
+                first = step
                 step, stopped, last = self._train_epoch(epoch, step, skip_steps if epoch == start_epoch else 0,
                                                         metrics, stop)  # fmt: skip
                 result.last_metrics.update(last)
-                if stopped:
-                    self._save(step, epoch, step - epoch * self.steps_per_epoch)
+                if stopped:  # mid-epoch: the resumed run re-reads (and skips) this epoch's first steps
+                    done_before = skip_steps if epoch == start_epoch else 0
+                    self._save(step, epoch, done_before + step - first)
                     acc.print(f"stopped by signal {stop.received}: checkpoint at step {step}; resume=auto continues")
                     metrics.close()
                     return FitResult(step, epoch, True, result.last_metrics)
@@ -249,6 +251,9 @@ class Trainer:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
         self.loader.set_epoch(epoch)
+        # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
+        self.optimizer.zero_grad(set_to_none=True)
+        acc.step = 0
         # Only whole optimiser steps: leftover micro-batches would leak gradient into the next epoch.
         budget = min(self.loader.batches_per_epoch(epoch) // accum, self.steps_per_epoch) * accum
         skip = skip_steps * accum
