@@ -18,6 +18,7 @@ from safetensors import safe_open
 from timm.layers import resample_patch_embed
 
 from .checkpoint import find_latest, load_weights
+from .config import ConfigError
 from .models.mae_vit import PRESETS, MAEConfig, encoder_only
 from .models.pos_embed import resize_pos_embed
 
@@ -87,7 +88,7 @@ def adapt_to(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
     if "patch_embed.proj.weight" in out and hasattr(model, "patch_embed"):
         have, want = out["patch_embed.proj.weight"].shape, model.patch_embed.proj.weight.shape
         if have[:2] != want[:2]:
-            raise ValueError(
+            raise ConfigError(
                 f"the pretrained patch embedding {tuple(have)} does not fit the model's {tuple(want)}: "
                 "choose a model with the encoder's width and input channels"
             )
@@ -103,7 +104,7 @@ def load_encoder(model: nn.Module, source: str | Path) -> Any:
     result = model.load_state_dict(sd, strict=False)
     fresh = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm.", "head_drop."))]
     if fresh or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained={source} does not match the model: missing {fresh[:8]}, unexpected {result.unexpected_keys[:8]}"
         )
     return result
@@ -123,14 +124,14 @@ def create_vit(
     meta = encoder_metadata(pretrained) if pretrained != "none" else {}
     name = meta.get("timm_name") if model == "auto" else model
     if name is None:
-        raise ValueError("model=auto needs pretrained weights that record their timm model; set model=<timm name>")
+        raise ConfigError("model=auto needs pretrained weights that record their timm model; set model=<timm name>")
     kwargs = dict(meta.get("timm_kwargs", {})) if name == meta.get("timm_name") else {}
     kwargs.update(model_kwargs or {})
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     try:
         vit = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as err:  # timm's "Unknown model"
-        raise ValueError(f"model={name}: {err}") from err
+        raise ConfigError(f"model={name}: {err}") from err
     if pretrained != "none":
         load_encoder(vit, pretrained)
     return vit

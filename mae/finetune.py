@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
+from .config import ConfigError
 from .data.pipeline import make_loaders, shard_classes
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .encoder import create_vit
@@ -141,7 +142,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
     set_seed(cfg.seed)
     classes = shard_classes(cfg.data.train)
     if not classes:
-        raise ValueError(f"data.train={cfg.data.train}: fine-tuning needs labelled shards (an index with class names)")
+        raise ConfigError(f"data.train={cfg.data.train}: fine-tuning needs labelled shards (an index with class names)")
     model = create_vit(cfg.model, cfg.pretrained, num_classes=len(classes), model_kwargs=cfg.model_kwargs,
                        img_size=cfg.img_size, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)  # fmt: skip
     size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg.img_size or 224

@@ -15,6 +15,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 
 from .data.features import FeatureLoader
+from .config import ConfigError
 from .data.pipeline import ShardLoader, make_loaders, shard_classes
 from .data.transforms import eval_transform, probe_transform
 from .encoder import create_vit
@@ -127,7 +128,7 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
     set_seed(cfg.seed)
     classes = shard_classes(cfg.data.train)
     if not classes:
-        raise ValueError(f"data.train={cfg.data.train}: the probe needs labelled shards (an index with class names)")
+        raise ConfigError(f"data.train={cfg.data.train}: the probe needs labelled shards (an index with class names)")
     encoder = create_vit(cfg.model, cfg.pretrained, num_classes=0, model_kwargs=cfg.model_kwargs,
                          global_pool=cfg.global_pool)  # fmt: skip
     probe = LinearProbe(encoder, len(classes)).to(accelerator.device)

@@ -15,7 +15,7 @@ from .data.transforms import eval_transform, pretrain_transform
 from .encoder import ENCODER_FILE
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
-from .models.mae_vit import PRESETS, MaskedAutoencoderViT, create_model, encoder_only
+from .models.mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, preset_config
 from .optim import param_groups
 from .visualize import reconstruct, save_reconstructions
 
@@ -42,10 +42,18 @@ class PretrainConfig(RunConfig):
             raise ValueError(f"model: unknown preset {self.model!r}; choose one of {', '.join(PRESETS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        try:  # the model settings are checked now, not when the model is built
+            model_config(self)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model_overrides: {err}") from err
+
+
+def model_config(cfg: PretrainConfig) -> MAEConfig:
+    return preset_config(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_overrides)
 
 
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    return create_model(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_overrides)
+    return MaskedAutoencoderViT(model_config(cfg))
 
 
 def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

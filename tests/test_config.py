@@ -99,3 +99,11 @@ def test_cli_missing_shards_are_named(tmp_path):
     assert "nope-0.tar" in proc.stderr
     saved = yaml.safe_load((out / "config.yaml").read_text())  # the resolved config is kept with the run
     assert saved["data"]["train"].endswith("nope-{0..3}.tar")
+
+
+def test_model_overrides_are_checked_with_the_config():
+    with pytest.raises(ConfigError, match="depthh"):
+        load_config(PretrainConfig, None, ["model_overrides.depthh=3"])
+    with pytest.raises(ConfigError, match="embed_dim 100 is not divisible"):
+        load_config(PretrainConfig, None, ["model_overrides.embed_dim=100"])
+    assert load_config(PretrainConfig, None, ["model_overrides.depth=2"]).model_overrides == {"depth": 2}

@@ -1,5 +1,5 @@
 """Models by name. ``create_model('mae_vit_base_patch16')`` builds a preset."""
 
-from .mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn, create_model
+from .mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn, create_model, preset_config
 
-__all__ = ["PRESETS", "MAEConfig", "MaskedAutoencoderViT", "checkpoint_filter_fn", "create_model"]
+__all__ = ["PRESETS", "MAEConfig", "MaskedAutoencoderViT", "checkpoint_filter_fn", "create_model", "preset_config"]

@@ -331,10 +331,15 @@ PRESETS: dict[str, MAEConfig] = {
 
 def create_model(name: str, **overrides: Any) -> MaskedAutoencoderViT:
     """A preset by name, with any ``MAEConfig`` field overridden."""
+    return MaskedAutoencoderViT(preset_config(name, **overrides))
+
+
+def preset_config(name: str, **overrides: Any) -> MAEConfig:
+    """A preset's config with fields overridden; unknown names and fields are errors."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(MAEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return MaskedAutoencoderViT(replace(PRESETS[name], **overrides))
+    return replace(PRESETS[name], **overrides)
