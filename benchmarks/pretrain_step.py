@@ -41,8 +41,8 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "base": Case("mae_vit_base_patch16", batch=8, iters=5),
-    "cifar": Case("mae_vit_tiny_patch4_32", batch=64, iters=10),
+    "base": Case("mae_vit_base_patch16", batch=8, iters=7),
+    "cifar": Case("mae_vit_tiny_patch4_32", batch=64, iters=20),
 }
 
 
@@ -66,6 +66,10 @@ class Result:
     img_s_ours: float
     img_s_peer: float
     ratio: float  # images/s ours / images/s peer; above 1 means ours is faster
+    paired_ratio: float  # median over rounds of (peer step / ours step) within the round
+    other_load: float | None  # CPU cores other processes used while timing; None if unknown
+    times_ours: list[float]  # every timed step, seconds, in order
+    times_peer: list[float]
 
 
 # ------------------------------------------------------------------------- the models
@@ -125,6 +129,26 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- timing
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU s the whole host was busy, CPU s of this process); None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def other_load(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> float | None:
+    """Mean number of cores that processes other than this one kept busy between two snapshots."""
+    if start is None or end is None:
+        return None
+    (w0, b0, o0), (w1, b1, o1) = start, end
+    return max(0.0, ((b1 - b0) - (o1 - o0)) / (w1 - w0))
+
+
 def timed_step(loss_fn: LossFn, opt: torch.optim.Optimizer, imgs: torch.Tensor, noise: torch.Tensor) -> float:
     """One forward, backward and optimiser step; returns its wall time in seconds."""
     start = time.perf_counter()
@@ -151,10 +175,12 @@ def run_case(name: str, case: Case, iters: int, warmup: int, seed: int = 0) -> R
         for loss_fn, opt in runners:
             timed_step(loss_fn, opt, imgs, noise)
     times: list[list[float]] = [[], []]
+    start = cpu_snapshot()
     for r in range(iters):
         order = (0, 1) if r % 2 == 0 else (1, 0)  # ABBA...: neither always runs first
         for i in order:
             times[i].append(timed_step(*runners[i], imgs, noise))
+    load = other_load(start, cpu_snapshot())
 
     step_ours, step_peer = (statistics.median(t) for t in times)
     return Result(
@@ -164,15 +190,16 @@ def run_case(name: str, case: Case, iters: int, warmup: int, seed: int = 0) -> R
         attn_ours="F.scaled_dot_product_attention", attn_peer=f"{peer.config._attn_implementation} (HF)",
         step_s_ours=step_ours, step_s_peer=step_peer,
         img_s_ours=case.batch / step_ours, img_s_peer=case.batch / step_peer,
-        ratio=step_peer / step_ours,
+        ratio=step_peer / step_ours, paired_ratio=statistics.median(p / o for o, p in zip(*times)),
+        other_load=load, times_ours=times[0], times_peer=times[1],
     )  # fmt: skip
 
 
 # -------------------------------------------------------------------------- reporting
 
 
-def environment(threads: int) -> dict[str, str | int]:
-    """What the numbers were measured on."""
+def environment(threads: int) -> dict[str, str | int | float]:
+    """What the numbers were measured on, with the 1-minute load average when it starts."""
     return {
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count() or 0,
@@ -180,7 +207,26 @@ def environment(threads: int) -> dict[str, str | int]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "load_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def describe(r: Result) -> str:
+    """A few lines on one case: parameter counts, attention, spread of the step times, load."""
+    same = "equal" if r.params_ours == r.params_peer else "DIFFERENT"
+    lines = [
+        f"[{r.case}] {r.preset}, batch {r.batch}, {r.iters} timed steps each",
+        f"  params      ours {r.params_ours:,} / ViTMAE {r.params_peer:,} ({same}); "
+        f"trainable {r.trainable_ours:,} / {r.trainable_peer:,}",
+        f"  attention   ours {r.attn_ours} / ViTMAE {r.attn_peer}",
+        f"  step s      ours {min(r.times_ours):.3f}-{max(r.times_ours):.3f} / "
+        f"ViTMAE {min(r.times_peer):.3f}-{max(r.times_peer):.3f} (min-max); paired ratio {r.paired_ratio:.2f}",
+    ]
+    if r.other_load is not None:
+        lines.append(f"  other load  {r.other_load:.2f} cores busy with other processes while timing")
+        if r.other_load > 0.25:
+            lines.append("  warning: the machine was shared while timing; these times are inflated and noisy")
+    return "\n".join(lines)
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -219,12 +265,7 @@ def main() -> None:
         case = CASES[name]
         result = run_case(name, case, args.iters or case.iters, args.warmup)
         results.append(result)
-        same = "equal" if result.params_ours == result.params_peer else "DIFFERENT"
-        print(
-            f"[{name}] {case.preset}: params ours {result.params_ours:,} / ViTMAE {result.params_peer:,} ({same}); "
-            f"trainable {result.trainable_ours:,} / {result.trainable_peer:,}; "
-            f"attention ours {result.attn_ours}, ViTMAE {result.attn_peer}"
-        )
+        print(describe(result))
     print()
     print(markdown_table(results))
 
