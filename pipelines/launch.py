@@ -22,7 +22,8 @@ EXIT_STOPPED = 75
 def make_accelerator(cfg: Any) -> Any:
     """Accelerate from the launcher's environment, with the stage's precision, accumulation
     and clipping; under DeepSpeed these and the micro-batch go into DeepSpeed's config,
-    so every launch config reaches the same code path."""
+    so every launch config reaches the same code path. Imported here so that ``--help``
+    and config errors answer without loading Accelerate."""
     import os
 
     import torch
@@ -35,9 +36,9 @@ def make_accelerator(cfg: Any) -> Any:
             # Accelerate names a backend only for accelerators; without one, DeepSpeed's
             # group would go unseen (one process each). CPU runs use gloo.
             PartialState(backend="gloo")
-        plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter, gradient_clipping=cfg.clip_grad or 0.0)
+        plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0
+        plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter,
                               deepspeed_plugin=plugin)  # fmt: skip
     if plugin is not None:
