@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from mae.encoder import adapt_to, create_vit, encoder_state_dict
+from mae.encoder import create_vit, encoder_state_dict
 from mae.evaluation import knn_classify, topk_correct
 from mae.finetune import optimizer_groups
 from mae.linprobe import LinearProbe, lars_for
