@@ -4,7 +4,10 @@ One step is forward (loss), backward and an AdamW update, in fp32 on the CPU. Bo
 models get the same configuration, the same input batch and the same masking noise, so
 they do the same arithmetic; only the implementations differ. After a few warm-up
 steps the timed steps alternate between the two models, round by round, so that drift
-in the machine (heat, other load) falls on both alike.
+in the machine (heat, other load) falls on both alike. The report gives the median step
+of each, their ratio, the median of the per-round ratios, and how many cores other
+processes kept busy meanwhile (from /proc/stat): on a shared machine, times taken while
+that is well above zero are inflated and should be rerun.
 
     python benchmarks/pretrain_step.py                      # both cases, 2 threads
     python benchmarks/pretrain_step.py --cases cifar --iters 20 --json out.json
@@ -22,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import transformers
+from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from mae.models import MAEConfig, create_model
@@ -198,10 +201,22 @@ def run_case(name: str, case: Case, iters: int, warmup: int, seed: int = 0) -> R
 # -------------------------------------------------------------------------- reporting
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(threads: int) -> dict[str, str | int | float]:
     """What the numbers were measured on, with the 1-minute load average when it starts."""
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count() or 0,
         "threads": threads,
         "python": platform.python_version(),
@@ -216,11 +231,15 @@ def describe(r: Result) -> str:
     same = "equal" if r.params_ours == r.params_peer else "DIFFERENT"
     lines = [
         f"[{r.case}] {r.preset}, batch {r.batch}, {r.iters} timed steps each",
-        f"  params      ours {r.params_ours:,} / ViTMAE {r.params_peer:,} ({same}); "
-        f"trainable {r.trainable_ours:,} / {r.trainable_peer:,}",
+        (
+            f"  params      ours {r.params_ours:,} / ViTMAE {r.params_peer:,} ({same}); "
+            f"trainable {r.trainable_ours:,} / {r.trainable_peer:,}"
+        ),
         f"  attention   ours {r.attn_ours} / ViTMAE {r.attn_peer}",
-        f"  step s      ours {min(r.times_ours):.3f}-{max(r.times_ours):.3f} / "
-        f"ViTMAE {min(r.times_peer):.3f}-{max(r.times_peer):.3f} (min-max); paired ratio {r.paired_ratio:.2f}",
+        (
+            f"  step s      ours {min(r.times_ours):.3f}-{max(r.times_ours):.3f} / "
+            f"ViTMAE {min(r.times_peer):.3f}-{max(r.times_peer):.3f} (min-max); paired ratio {r.paired_ratio:.2f}"
+        ),
     ]
     if r.other_load is not None:
         lines.append(f"  other load  {r.other_load:.2f} cores busy with other processes while timing")
