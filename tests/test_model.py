@@ -203,3 +203,21 @@ def test_presets_match_the_paper():
         assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (512, 8, 16)
     base = create_model("mae_vit_base_patch16")
     assert abs(sum(p.numel() for p in base.parameters()) / 1e6 - 111.9) < 0.1  # official MAE-Base: 111.9M
+
+
+def test_masked_encoder_embeds_like_timm_patch_conv(model):
+    """The encoder embeds cut-out patches with the conv's weight as a linear map: the same
+    tokens as timm's patch conv over the image, and with nothing masked and the order kept,
+    the same features as the unmasked path (forward_features)."""
+    torch.manual_seed(2)
+    imgs = torch.randn(2, 3, 32, 32)
+    proj = model.patch_embed.proj
+    conv = torch.nn.functional.conv2d(imgs, proj.weight, proj.bias, stride=4).flatten(2).transpose(1, 2)
+    assert torch.allclose(model.patch_embed(model.patch_pixels(imgs)), conv, atol=1e-5)
+    L = model.cfg.num_patches
+    noise = torch.arange(L, dtype=torch.float).expand(2, L)  # ascending: keeps every patch in order
+    latent, mask, _ = model.forward_encoder(imgs, 0.0, noise)
+    assert mask.sum() == 0
+    assert torch.allclose(latent, model.forward_features(imgs), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
+        model.forward_encoder(torch.randn(2, 3, 48, 48), 0.75)

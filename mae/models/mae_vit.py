@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .pos_embed import resize_pos_embed, sincos_2d
 
@@ -76,6 +76,30 @@ class MAEConfig:
 # --------------------------------------------------------------------- building blocks
 
 
+class PatchProjection(nn.Conv2d):
+    """timm's patch conv, applied to patches already cut out of the image: [N, K, C*p*p] -> [N, K, D].
+
+    A conv whose stride equals its kernel is one linear map per patch, so the encoder can
+    embed only the visible patches. The weight keeps the conv's shape [D, C, p, p] for timm.
+    The product happens in this module's own forward so that DeepSpeed ZeRO-3, which
+    gathers a module's weights when that module is called, sees it.
+    """
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.weight.flatten(1), self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Holds the projection under timm's name, ``patch_embed.proj``."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = PatchProjection(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over whatever tokens it is given (visible ones only, in MAE)."""
 
@@ -87,9 +111,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, heads, N, C/heads]
-        x = F.scaled_dot_product_attention(q, k, v)  # the fused kernel where one exists
+        # Split on the [B, N, 3, heads, head_dim] view and transpose each part: the backward
+        # pass then writes the q, k, v gradients straight into the fused layout (no extra copy).
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).unbind(2)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -125,7 +150,7 @@ class MaskedAutoencoderViT(nn.Module):
         learned = cfg.pos_embed == "learned"
 
         # encoder, named as timm's VisionTransformer
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, D), requires_grad=learned)
         dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
@@ -180,6 +205,16 @@ class MaskedAutoencoderViT(nn.Module):
         x = imgs.reshape(N, c, h, p, w, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, p * p * c)
 
+    def patch_pixels(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, C*p*p] in the (channel, row, col) order of the patch
+        projection's flattened weight; checks the size the position table was built for."""
+        p, c, size = self.cfg.patch_size, self.cfg.in_chans, self.cfg.img_size
+        N, C, H, W = imgs.shape
+        if (C, H, W) != (c, size, size):
+            raise ValueError(f"expected images of shape [N, {c}, {size}, {size}], got {list(imgs.shape)}")
+        x = imgs.reshape(N, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(N, (H // p) * (W // p), c * p * p)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L, p*p*C] -> [N, C, H, W]; the inverse of patchify for square grids."""
         p, c = self.cfg.patch_size, self.cfg.in_chans
@@ -218,9 +253,14 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The heavy part runs on the cls token plus visible patches only: [N, 1 + len_keep, D]."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [N, L, D]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        # Mask first, embed after: the patch projection acts on each patch alone, so only the
+        # visible quarter needs it (the same result as timm's conv over every patch, for less).
+        N = imgs.shape[0]
+        tokens = torch.cat([self.patch_pixels(imgs), self.pos_embed[:, 1:].expand(N, -1, -1)], dim=-1)
+        tokens, mask, ids_restore = self.random_masking(tokens, mask_ratio, noise)
+        pixels, pos = tokens.split([tokens.shape[-1] - self.cfg.embed_dim, self.cfg.embed_dim], dim=-1)
+        x = self.patch_embed(pixels) + pos  # [N, len_keep, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(N, -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -228,7 +268,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """All tokens, no masking: [N, 1 + L, D], as timm's ``forward_features``."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(self.patch_pixels(imgs)) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
