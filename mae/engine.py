@@ -44,6 +44,9 @@ class RunConfig:
     seed: int = 0
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint folder
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
+    # CPU runs: torch threads per process. 0 shares this node's cores among its processes;
+    # `accelerate launch` alone would pin one thread (OMP_NUM_THREADS=1) and halve a 2-core run.
+    cpu_threads: int = 0
     log_every: int = 10  # optimiser steps between metrics lines
     eval_every: int = 1  # epochs between evaluations (and reconstruction pictures)
     save_every: int = 1  # epochs between checkpoints; the last epoch is always saved
@@ -56,6 +59,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0 (0: cores / processes on the node), got {self.cpu_threads}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):

@@ -46,6 +46,21 @@ def make_accelerator(cfg: Any) -> Any:
     return accelerator
 
 
+def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
+    """On CPU, give each process its share of this node's cores (or ``cpu_threads``):
+    ``accelerate launch`` sets OMP_NUM_THREADS=1 unless told otherwise. Returns the
+    note for the start-up line."""
+    import os
+
+    import torch
+
+    if accelerator.device.type != "cpu":
+        return ""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    return f" ({torch.get_num_threads()} threads)"
+
+
 def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,11 +76,12 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         return 2
 
     accelerator = make_accelerator(cfg)
+    threads = set_cpu_threads(cfg, accelerator)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.print(f"{prog}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                      f"on {accelerator.device}, output in {cfg.output_dir}")
+                      f"on {accelerator.device}{threads}, output in {cfg.output_dir}")
     try:
         result = stage(cfg, accelerator)
     except (ConfigError, DataError, FileNotFoundError) as err:
