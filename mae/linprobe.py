@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 
-from .data.features import FeatureLoader
 from .config import ConfigError
+from .data.features import FeatureLoader
 from .data.pipeline import ShardLoader, make_loaders, shard_classes
 from .data.transforms import eval_transform, probe_transform
 from .encoder import create_vit

@@ -5,6 +5,7 @@ Accelerate and call the library."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +25,6 @@ def make_accelerator(cfg: Any) -> Any:
     and clipping; under DeepSpeed these and the micro-batch go into DeepSpeed's config,
     so every launch config reaches the same code path. Imported here so that ``--help``
     and config errors answer without loading Accelerate."""
-    import os
-
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -50,8 +49,6 @@ def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
     """On CPU, give each process its share of this node's cores (or ``cpu_threads``):
     ``accelerate launch`` sets OMP_NUM_THREADS=1 unless told otherwise. Returns the
     note for the start-up line."""
-    import os
-
     import torch
 
     if accelerator.device.type != "cpu":

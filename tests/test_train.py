@@ -4,8 +4,8 @@ and a killed or signalled run resumes to exactly the losses of an uninterrupted 
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -194,14 +194,14 @@ def test_accelerate_launch_on_cpu_uses_every_core(tmp_path):
     """`accelerate launch` sets OMP_NUM_THREADS=1; the stage gives its one process all the
     node's cores again (a 2-core run would otherwise train at half speed), and cpu_threads wins."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "pipelines.pretrain",
-           f"output_dir={tmp_path / 'a'}", *RUN, "epochs=1", "warmup_epochs=0", "model_overrides.depth=1",
-           "data.train=shards/cifar10/test-000000.tar", "data.num_workers=1"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cores = os.cpu_count()
-    assert f"on cpu ({cores} threads)" in proc.stdout
-    cmd[cmd.index(f"output_dir={tmp_path / 'a'}")] = f"output_dir={tmp_path / 'b'}"
-    proc = subprocess.run([*cmd, "cpu_threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on cpu (1 threads)" in proc.stdout
+
+    def launch(out: Path, *extra: str) -> str:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "pipelines.pretrain",
+               f"output_dir={out}", *RUN, "epochs=1", "warmup_epochs=0", "model_overrides.depth=1",
+               "data.train=shards/cifar10/test-000000.tar", "data.num_workers=1", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert f"on cpu ({os.cpu_count()} threads)" in launch(tmp_path / "a")
+    assert "on cpu (1 threads)" in launch(tmp_path / "b", "cpu_threads=1")
