@@ -130,6 +130,21 @@ def test_model_config_rejects_bad_choices():
         create_model("mae_vit_gigantic")
 
 
+def test_forward_rejects_wrong_noise_shape_and_mask_ratio(model):
+    """A noise tensor not [N, num_patches] or a ratio outside [0, 1) is named at the boundary,
+    not left to fail later in a size mismatch deep inside the encoder."""
+    imgs = torch.randn(2, 3, 32, 32)
+    L = model.cfg.num_patches
+    for shape in ((2, L - 1), (3, L), (2, L, 1)):
+        with pytest.raises(ValueError, match=rf"noise must have shape \[N, num_patches\] = \[2, {L}\].*got \[{', '.join(map(str, shape))}\]"):
+            model(imgs, noise=torch.rand(*shape))
+    for ratio in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"mask_ratio must be in \[0, 1\), got {ratio}"):
+            model(imgs, mask_ratio=ratio)
+    _, pred, mask = model(imgs, mask_ratio=0.0, noise=torch.rand(2, L))  # the edge that is allowed
+    assert pred.shape[:2] == (2, L) and mask.sum() == 0
+
+
 @pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16"])
 def test_encoder_loads_strictly_into_timm_with_equal_features(name):
     """The encoder's weights are timm VisionTransformer weights: strict load, same features."""

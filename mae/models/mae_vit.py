@@ -314,6 +314,11 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred [N, L, p*p*C], mask [N, L]). ``noise`` [N, L] fixes the masks."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+        if noise is not None and tuple(noise.shape) != (imgs.shape[0], self.cfg.num_patches):
+            raise ValueError(f"noise must have shape [N, num_patches] = [{imgs.shape[0]}, {self.cfg.num_patches}] "
+                             f"for these images, got {list(noise.shape)}")  # fmt: skip
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
