@@ -13,7 +13,9 @@ anything still named ``.tmp``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,29 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
+SAFE_FORMATS = ("safetensors, or torch.save of plain tensors, numbers, strings, lists and dicts "
+                "(what torch.load(weights_only=True) reads)")  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A torch file the project refuses to load (it holds pickled objects) or cannot read."""
+
+
+def load_plain(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: a file holding other pickled Python objects is refused
+    with one line saying so, instead of torch's traceback advising to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds pickled Python objects ({found.group(1)}) that could run "
+                f"code when loaded. Accepted: {SAFE_FORMATS}"
+            ) from err
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+        raise CheckpointError(f"{path}: not a readable torch file ({reason.group(1) if reason else 'unpickling failed'}). "
+                              f"Accepted: {SAFE_FORMATS}") from err  # fmt: skip
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -168,7 +193,7 @@ def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.opt
     """After ``accelerator.prepare``: optimiser (this rank's part under ZeRO), scaler and this
     rank's RNG. Returns step, epoch and the rest of the saved state."""
     path = Path(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = load_plain(path / "state.pt")
     if state.get("optimizer_sharded", False) != optimizer_is_sharded(accelerator):
         raise ValueError(f"{path} was saved {'with' if state.get('optimizer_sharded') else 'without'} DeepSpeed: "
                          "resume it under the same kind of launch")  # fmt: skip
@@ -179,7 +204,7 @@ def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.opt
         if not shard.exists():
             raise FileNotFoundError(f"{shard} missing: resume a ZeRO checkpoint on as many processes as saved it")
         with torch.serialization.safe_globals(_zero_safe_globals()):
-            optimizer_state = torch.load(shard, map_location="cpu", weights_only=True)
+            optimizer_state = load_plain(shard)
         # ZeRO's optimiser takes one entry per data-parallel rank and reads its own; the
         # fp32 master weights come from the file, not from the (possibly 16-bit) model.
         parts = [optimizer_state if r == accelerator.process_index else None for r in range(accelerator.num_processes)]
@@ -189,7 +214,7 @@ def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.opt
         accelerator.scaler.load_state_dict(state.pop("scaler"))
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved: seeds then differ
-        restore_rng(torch.load(rng_file, map_location="cpu", weights_only=True))
+        restore_rng(load_plain(rng_file))
     return state
 
 
@@ -203,7 +228,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no weights at {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_plain(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     return sd

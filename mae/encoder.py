@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from timm.layers import resample_patch_embed
 
-from .checkpoint import find_latest, load_weights
+from .checkpoint import find_latest, load_plain, load_weights
 from .config import ConfigError
 from .models.mae_vit import PRESETS, MAEConfig, encoder_only
 from .models.pos_embed import resize_pos_embed
@@ -58,7 +58,7 @@ def encoder_metadata(source: str | Path) -> dict[str, Any]:
 
 def _metadata_from_checkpoint(folder: Path) -> dict[str, Any]:
     """A pretraining checkpoint records its config, from which the timm name follows."""
-    config = torch.load(folder / "state.pt", map_location="cpu", weights_only=True).get("config", {})
+    config = load_plain(folder / "state.pt").get("config", {})
     if config.get("model") not in PRESETS:
         return {}
     known = set(MAEConfig.__dataclass_fields__)

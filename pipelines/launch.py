@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
@@ -81,7 +82,7 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
                       f"on {accelerator.device}{threads}, output in {cfg.output_dir}")
     try:
         result = stage(cfg, accelerator)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
