@@ -2,7 +2,10 @@
 root from a slurm.conf in a temporary folder, stopped again by the PIDs this module
 started (a munged that was already running is used and left alone).
 
-Install the daemons with ``apt-get install -y slurm-wlm munge`` (``.ci/run`` does).
+When the daemons are missing and we are root, Debian's ``slurm-wlm`` and ``munge`` are
+installed with apt-get first, so the README's test command passes on a fresh machine.
+Not root, or no way to install them: ``SlurmUnavailable`` (the tests skip, saying why).
+Installed but the cluster does not come up: ``SlurmFailed`` (the tests fail).
 """
 
 from __future__ import annotations
@@ -20,12 +23,44 @@ from pathlib import Path
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
+PACKAGES = ("slurm-wlm", "munge")  # Debian's
 CTLD_PORT, SLURMD_PORT = 16817, 16818
 PARTITION = "debug"
 
 
 class SlurmUnavailable(RuntimeError):
-    pass
+    """No Slurm test cluster can run here: not root, or the daemons cannot be installed."""
+
+
+class SlurmFailed(RuntimeError):
+    """Slurm is installed but the test cluster did not come up: a real failure."""
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if shutil.which(b) is None]
+
+
+def ensure_installed() -> None:
+    """As root, ``apt-get update`` then ``apt-get install -y slurm-wlm munge`` when any daemon
+    or command is missing from PATH."""
+    missing = missing_binaries()
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        raise SlurmUnavailable(f"not on PATH: {', '.join(missing)}, and no apt-get to install "
+                               f"{' '.join(PACKAGES)}: install them by hand")  # fmt: skip
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise SlurmUnavailable(f"{' '.join(argv)} took over 900 s") from None
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise SlurmUnavailable(f"{' '.join(argv)} failed with {proc.returncode}: {tail}")
+    still = missing_binaries()
+    if still:
+        raise SlurmUnavailable(f"installed {' '.join(PACKAGES)}, but still not on PATH: {', '.join(still)}")
 
 
 class SlurmCluster:
@@ -41,12 +76,10 @@ class SlurmCluster:
     # -- start
 
     def start(self) -> "SlurmCluster":
+        if os.geteuid() != 0:
+            raise SlurmUnavailable("not root: the test cluster's daemons must be started as root")
+        ensure_installed()
         try:
-            if os.geteuid() != 0:
-                raise SlurmUnavailable("the test cluster's daemons must be started as root")
-            missing = [b for b in BINARIES if shutil.which(b) is None]
-            if missing:
-                raise SlurmUnavailable(f"not on PATH: {', '.join(missing)} (apt-get install -y slurm-wlm munge)")
             self._start_munge()
             self._write_conf()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
@@ -54,7 +87,7 @@ class SlurmCluster:
             self._wait_idle(timeout=60)
         except (OSError, KeyError, subprocess.SubprocessError) as err:  # e.g. no munge user, a hung command
             self.stop()
-            raise SlurmUnavailable(f"{type(err).__name__}: {err}") from err
+            raise SlurmFailed(f"{type(err).__name__}: {err}") from err
         except BaseException:
             self.stop()
             raise
@@ -142,10 +175,10 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
         while not ready():
             for name, proc in self._started:
                 if proc.poll() is not None:
-                    raise SlurmUnavailable(
+                    raise SlurmFailed(
                         f"{name} exited with {proc.returncode} while waiting for {what}\n{self.logs()}")
             if time.monotonic() > deadline:
-                raise SlurmUnavailable(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
+                raise SlurmFailed(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
             time.sleep(0.5)
 
     def _wait_idle(self, timeout: float) -> None:
