@@ -229,6 +229,8 @@ class Trainer:
                 step, stopped, last = self._train_epoch(epoch, step, skip_steps if epoch == start_epoch else 0,
                                                         metrics, stop)  # fmt: skip
                 result.last_metrics.update(last)
+                if last.get("skipped") or last.get("converted"):
+                    acc.print(f"epoch {epoch} data: {data_counts(last)}")
                 if stopped:  # mid-epoch: the resumed run re-reads (and skips) this epoch's first steps
                     done_before = skip_steps if epoch == start_epoch else 0
                     self._save(step, epoch, done_before + step - first)
@@ -265,7 +267,7 @@ class Trainer:
         bar = tqdm(total=budget, initial=skip, desc=f"epoch {epoch}", disable=not (acc.is_main_process and cfg.progress),
                    mininterval=1.0, dynamic_ncols=True)  # fmt: skip
         window = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
-        skipped_by_worker: dict[int, dict[str, int]] = {}
+        counts_by_worker: dict[int, dict[str, dict[str, int]]] = {}
         last: dict[str, Any] = {}
         it = iter(self.loader)
         for micro in range(budget):
@@ -273,7 +275,7 @@ class Trainer:
             if not self._all(batch is not None):
                 acc.print(f"epoch {epoch} ended early at micro-batch {micro} of {budget}: a rank ran out of data")
                 break
-            skipped_by_worker[batch["worker"]] = batch["skipped"]
+            counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
             if micro < skip:  # resuming mid-epoch: the same batches, already trained on
                 continue
             images = batch["image"].to(acc.device, non_blocking=True)
@@ -311,7 +313,7 @@ class Trainer:
                 continue
             step += 1
             if step % cfg.log_every == 0 or micro + 1 == budget:
-                last = self._log(metrics, step, epoch, lr, window, skipped_by_worker)
+                last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             if self._any(stop.received is not None):
                 bar.close()
@@ -320,11 +322,13 @@ class Trainer:
         return step, False, last
 
     def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: dict,
-             skipped_by_worker: dict[int, dict[str, int]]) -> dict[str, Any]:  # fmt: skip
-        skipped: dict[str, int] = {}
-        for counts in self._gather(skipped_by_worker):
-            for reason, n in counts.items():
-                skipped[reason] = skipped.get(reason, 0) + n
+             counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:  # fmt: skip
+        totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
+        for counts in self._gather(counts_by_worker):
+            for kind, by_key in counts.items():
+                for key, n in by_key.items():
+                    totals[kind][key] = totals[kind].get(key, 0) + n
+        skipped, converted = totals["skipped"], totals["converted"]
         loss_sum, n, images = self._sum([window["loss"], window["n"], window["images"]])
         elapsed = time.perf_counter() - window["t"]
         record = {
@@ -332,16 +336,19 @@ class Trainer:
             "loss": loss_sum / max(1, n),
             "lr": lr,
             "images_per_sec": images / elapsed if elapsed > 0 else 0.0,
-            "skipped": sum(skipped.values()),
+            "skipped": sum(skipped.values()),  # dropped
+            "converted": sum(converted.values()),  # kept, converted to RGB
         }
         if skipped:
             record["skipped_by_reason"] = dict(sorted(skipped.items()))
+        if converted:
+            record["converted_by_mode"] = dict(sorted(converted.items()))
         metrics.log(step, **record)
         window.update(loss=0.0, n=0, images=0, t=time.perf_counter())
         return record
 
-    def _gather(self, by_worker: dict[int, dict[str, int]]) -> list[dict[str, int]]:
-        """Every rank's per-worker skip counts (reasons differ across ranks, so objects, not tensors)."""
+    def _gather(self, by_worker: dict[int, dict[str, dict[str, int]]]) -> list[dict[str, dict[str, int]]]:
+        """Every rank's per-worker counts (reasons differ across ranks, so objects, not tensors)."""
         if self.world == 1:
             return list(by_worker.values())
         from accelerate.utils import gather_object
@@ -352,6 +359,15 @@ class Trainer:
         state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg)}
         save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
                         state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
+
+
+def data_counts(record: dict[str, Any]) -> str:
+    """The epoch's skipped samples (dropped) and converted ones (kept as RGB), in words."""
+    def part(total: int, by: dict[str, int]) -> str:
+        return f"{total}" + (f" ({', '.join(f'{k} {n}' for k, n in by.items())})" if by else "")
+
+    return (f"skipped {part(record.get('skipped', 0), record.get('skipped_by_reason', {}))}, "
+            f"converted to RGB {part(record.get('converted', 0), record.get('converted_by_mode', {}))}")  # fmt: skip
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:

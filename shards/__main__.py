@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .build import SourceError, build_shards, format_report
+from .build import SAMPLES_PER_SHARD, SourceError, build_shards, format_report
 from .verify import load_indexes, verify_index
 
 
@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("src", help="folder of class sub-folders (labelled) or of images (unlabelled)")
     build.add_argument("out", help="folder to write the shards and <prefix>-index.json into")
     build.add_argument("--prefix", default="train", help="shard set name: <prefix>-NNNNNN.tar (default: train)")
-    build.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
-                       help="close a shard after N samples (default: 1000)")
+    build.add_argument("--samples-per-shard", type=_positive_int, default=None, metavar="N",
+                       help=f"close a shard after N samples (default: {SAMPLES_PER_SHARD}, fewer for a small folder so that "
+                            "the default pretraining's loader workers each get a shard)")  # fmt: skip
     build.add_argument("--bytes-per-shard", type=_positive_int, default=1_000_000_000, metavar="BYTES",
                        help="keep a shard file within BYTES (default: 1e9)")
     build.add_argument(

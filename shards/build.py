@@ -12,6 +12,7 @@ import io
 import os
 import random
 import re
+import shlex
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ TMP_SUFFIX = ".tmp"
 BLOCK = tarfile.BLOCKSIZE  # 512
 TAR_END = 2 * BLOCK  # end-of-archive marker: two zero blocks
 RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to whole 10 KiB records
+SAMPLES_PER_SHARD = 1000  # the default for folders large enough to give every reader a shard
 
 
 class SourceError(ValueError):
@@ -206,12 +208,21 @@ def _select(images: list[SourceImage], shuffle: bool, seed: int) -> list[SourceI
     return images
 
 
+def default_samples_per_shard(samples: int) -> int:
+    """``SAMPLES_PER_SHARD``, or fewer for a small folder, so that each loader worker of the
+    default pretraining (one process, ``data.num_workers`` workers) gets a shard of its own."""
+    from mae.data.pipeline import DataConfig  # imported here: torch is slow to load for --help
+
+    readers = max(1, DataConfig().num_workers)
+    return max(1, min(SAMPLES_PER_SHARD, -(-samples // readers)))
+
+
 def build_shards(
     src: str | os.PathLike,
     out: str | os.PathLike,
     *,
     prefix: str = "train",
-    samples_per_shard: int = 1000,
+    samples_per_shard: int | None = None,
     bytes_per_shard: int = 1_000_000_000,
     shuffle: bool = True,
     seed: int = 0,
@@ -221,13 +232,14 @@ def build_shards(
 ) -> ShardIndex:
     """Write ``{prefix}-NNNNNN.tar`` shards and their index into ``out``; return the index.
 
+    ``samples_per_shard=None`` takes ``default_samples_per_shard`` of the images to write.
     ``labelled=None`` detects the layout. With ``max_per_class`` the first N images per
     class that decode are taken, in shuffled order, so each class gets exactly N when it
     has that many good images. Undecodable files are skipped and listed in
     ``index.skipped``; the build fails only when nothing at all could be written.
     """
     src, out = Path(src), Path(out)
-    if samples_per_shard < 1 or bytes_per_shard < 1:
+    if (samples_per_shard is not None and samples_per_shard < 1) or bytes_per_shard < 1:
         raise SourceError("--samples-per-shard and --bytes-per-shard must be at least 1")
     if max_per_class is not None and max_per_class < 1:
         raise SourceError("--max-per-class must be at least 1")
@@ -239,6 +251,11 @@ def build_shards(
     _prepare_out(out, prefix)
 
     order = _select(images, shuffle, seed)
+    if samples_per_shard is None:
+        wanted = len(order)
+        if max_per_class is not None:
+            wanted = sum(min(n, max_per_class) for n in Counter(image.label for image in order).values())
+        samples_per_shard = default_samples_per_shard(wanted)
     key_digits = max(6, len(str(len(order))))
     writer = _ShardWriter(out, prefix, samples_per_shard, bytes_per_shard)
     taken: Counter[int | None] = Counter()
@@ -304,4 +321,20 @@ def format_report(index: ShardIndex, out: str | os.PathLike) -> str:
         lines.append(f"classes ({len(index.classes)}): {', '.join(index.classes)}")
     lines.append(f"skipped: {len(index.skipped)}")
     lines += [f"  {s['path']}: {s['reason']}" for s in index.skipped]
+    lines.append(f"pretrain on them: {pretrain_command(index, out)}")
     return "\n".join(lines)
+
+
+def shards_spec(index: ShardIndex, out: str | os.PathLike) -> str:
+    """The index's shards as one ``data.train`` value: a brace pattern over their numbers."""
+    names = [s.name for s in index.shards]
+    if names != [shard_name(index.prefix, n) for n in range(len(names))]:  # not numbered 0..n-1
+        return "::".join(os.path.join(out, name) for name in names)
+    if len(names) == 1:
+        return os.path.join(out, names[0])
+    return os.path.join(out, f"{index.prefix}-{{{0:0{SHARD_DIGITS}d}..{len(names) - 1:0{SHARD_DIGITS}d}}}.tar")
+
+
+def pretrain_command(index: ShardIndex, out: str | os.PathLike) -> str:
+    """The command line that pretrains the default model on the shards just built (no validation set)."""
+    return f"accelerate launch -m pipelines.pretrain {shlex.quote('data.train=' + shards_spec(index, out))} data.val=''"

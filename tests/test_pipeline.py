@@ -78,9 +78,9 @@ def read_ids(loader: ShardLoader, epoch: int = 0) -> tuple[list[int], int]:
     return ids, batches
 
 
-def latest_skips(batches: list[dict]) -> Counter:
-    """Skip counts summed over workers, each worker's latest batch counting."""
-    latest = {b["worker"]: b["skipped"] for b in batches}
+def latest_counts(batches: list[dict], kind: str = "skipped") -> Counter:
+    """``skipped`` or ``converted`` counts summed over workers, each worker's latest batch counting."""
+    latest = {b["worker"]: b[kind] for b in batches}
     return sum((Counter(s) for s in latest.values()), Counter())
 
 
@@ -139,21 +139,35 @@ def test_same_seed_and_epoch_repeat_the_order_other_seed_changes_it(id_shards) -
     assert other != first and sorted(other) == sorted(first)
 
 
-def test_fewer_shards_than_readers_in_finite_mode_raises_data_error(tmp_path: Path) -> None:
-    """3 shards cannot feed 2 ranks x 2 workers: a clear DataError at construction, no hang."""
+def test_fewer_shards_than_readers_lowers_the_workers_fewer_than_processes_is_an_error(tmp_path: Path, capsys) -> None:
+    """3 shards for 2 ranks x 2 workers: each rank reads with 1 worker, every sample once, and one
+    warning line says so; 1 shard for 2 ranks cannot work and is a DataError naming the fix."""
     write_id_shards(tmp_path, [5, 5, 5])
     spec = str(tmp_path / "train-{000000..000002}.tar")
-    with pytest.raises(DataError, match=r"3 shard\(s\) cannot feed 2 process\(es\) x 2 loader worker\(s\) = 4 readers"):
-        ShardLoader(spec, colour_id, batch_size=2, num_workers=2, rank=0, world_size=2)
-    ShardLoader(spec, colour_id, batch_size=2, num_workers=2, rank=0, world_size=2, resampled=True)  # fine resampled
+    union = []
+    for rank in (0, 1):
+        loader = ShardLoader(spec, colour_id, batch_size=2, num_workers=2, rank=rank, world_size=2)
+        assert loader.num_workers == 1
+        ids, batches = read_ids(loader)
+        assert batches == loader.rank_batches(0, rank)
+        union += ids
+    assert sorted(union) == list(range(15))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: 3 shard(s) feed 2 process(es) x 1 loader worker(s), "
+                                                   "not the 2 of data.num_workers")  # rank 0 only
+    single = str(tmp_path / "train-000000.tar")
+    with pytest.raises(DataError, match=r"1 shard\(s\) cannot feed 2 process\(es\).*--samples-per-shard"):
+        ShardLoader(single, colour_id, batch_size=2, num_workers=2, rank=0, world_size=2)
+    ShardLoader(single, colour_id, batch_size=2, num_workers=2, rank=0, world_size=2, resampled=True)  # fine resampled
 
 
 # ------------------------------------------------------------------- corrupt input
 
 
 @pytest.fixture
-def corrupt_shards(tmp_path: Path, real_jpegs: dict[str, list[bytes]]) -> tuple[Path, set[int], dict[str, int]]:
-    """Four shards of real JPEGs with broken and odd-mode members; returns the good labels.
+def corrupt_shards(tmp_path: Path, real_jpegs: dict[str, list[bytes]]) -> tuple[Path, set[int], dict[str, dict]]:
+    """Four shards of real JPEGs with broken and odd-mode members; returns the good labels
+    and the expected counts (skipped by reason, converted by mode).
 
     Read unshuffled by 2 workers at batch size 4, each worker's last full batch comes
     before its trailing failures (an undecodable member, the cut in the truncated tar).
@@ -191,14 +205,15 @@ def corrupt_shards(tmp_path: Path, real_jpegs: dict[str, list[bytes]]) -> tuple[
     with tarfile.open(tmp_path / "bad-000002.tar") as tar:
         fifth = [m for m in tar.getmembers() if m.name.endswith(".jpg")][4]
     (tmp_path / "bad-000002.tar").write_bytes(data[: fifth.offset_data + cut_at])
-    expected = {"undecodable": 3, "no_image": 1, "unreadable_tar": 1}
-    expected |= {"converted_L": 1, "converted_CMYK": 1, "converted_RGBA": 1}
+    expected = {"skipped": {"undecodable": 3, "no_image": 1, "unreadable_tar": 1},
+                "converted": {"L": 1, "CMYK": 1, "RGBA": 1}}  # fmt: skip
     return tmp_path, good, expected
 
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
 def test_corrupt_members_and_truncated_tar_are_skipped_counted_and_converted(corrupt_shards, shuffle: bool) -> None:
-    """Bad members and a cut tar never stop an epoch; each is counted; odd modes become RGB."""
+    """Bad members and a cut tar never stop an epoch; each is counted as skipped; odd modes
+    become RGB and are counted apart, as converted (kept), never as skipped."""
     folder, good, expected = corrupt_shards
     transform = T.Compose([T.Resize((8, 8)), T.ToTensor()])
     loader = ShardLoader(str(folder), transform, batch_size=4, num_workers=2, shuffle=shuffle, samples_per_epoch=99)
@@ -206,7 +221,8 @@ def test_corrupt_members_and_truncated_tar_are_skipped_counted_and_converted(cor
     labels = [label for b in batches for label in b["label"].tolist()]
     assert sorted(labels) == sorted(good)
     assert all(b["image"].shape[1:] == (3, 8, 8) for b in batches)
-    assert dict(latest_skips(batches)) == expected
+    assert dict(latest_counts(batches, "skipped")) == expected["skipped"]
+    assert dict(latest_counts(batches, "converted")) == expected["converted"]
 
 
 def test_greyscale_png_comes_out_as_three_equal_channels(corrupt_shards) -> None:
@@ -218,7 +234,8 @@ def test_greyscale_png_comes_out_as_three_equal_channels(corrupt_shards) -> None
     grey = batch["image"][4]  # the fifth sample of shard 1
     assert grey.shape == (3, 32, 32)
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-    assert batch["skipped"] == {"no_image": 1, "converted_L": 1, "converted_CMYK": 1, "converted_RGBA": 1}
+    assert batch["skipped"] == {"no_image": 1}
+    assert batch["converted"] == {"L": 1, "CMYK": 1, "RGBA": 1}
 
 
 # ----------------------------------------------------------------------- resampled
@@ -318,3 +335,4 @@ def test_shipped_cifar10_sample_reads_as_normalised_pretrain_batches() -> None:
     assert -2.2 < x.min() and x.max() < 2.7  # within (0 - mean) / std .. (1 - mean) / std
     assert abs(x.mean().item()) < 0.5
     assert not batch["skipped"]
+    assert not batch["converted"]

@@ -86,6 +86,29 @@ def test_cli_build_prints_report_with_skipped(image_tree: ImageTree, tmp_path: P
     assert main(["verify", str(tmp_path / "out"), "--prefix", "val"]) == 0
 
 
+def test_small_folder_gets_a_shard_per_default_reader_and_the_pretraining_command(
+    image_tree: ImageTree, tmp_path: Path, capsys
+) -> None:
+    """Without --samples-per-shard a small folder is cut so that the default pretraining (one
+    process, data.num_workers loader workers) reads it at full speed, and the report ends with
+    the command line that pretrains on exactly the shards written."""
+    import shlex
+
+    from mae.data.pipeline import DataConfig, expand_shards
+    from shards.build import default_samples_per_shard
+
+    readers = DataConfig().num_workers
+    assert [default_samples_per_shard(n) for n in (1, 75, 1999, 2000, 100_000)] == [1, 38, 1000, 1000, 1000]
+    out = tmp_path / "out"
+    assert main(["build", str(image_tree.root), str(out)]) == 0
+    index = read_index(index_path(out, "train"))
+    assert len(index.shards) == readers and index.total == len(image_tree.good)
+    command = capsys.readouterr().out.splitlines()[-1].removeprefix("pretrain on them: ")
+    argv = shlex.split(command)
+    assert argv[:4] == ["accelerate", "launch", "-m", "pipelines.pretrain"] and argv[5] == "data.val="
+    assert sorted(expand_shards(argv[4].removeprefix("data.train="))) == [str(p) for p in shard_files(out)]
+
+
 def test_unlabelled_nested_folder(real_jpegs: dict[str, list[bytes]], tmp_path: Path) -> None:
     src = tmp_path / "flat"
     jpegs = [data for per_class in real_jpegs.values() for data in per_class][:20]
@@ -116,7 +139,7 @@ def test_samples_per_shard_limit(image_tree: ImageTree, tmp_path: Path) -> None:
 
 def test_bytes_per_shard_limit(image_tree: ImageTree, tmp_path: Path) -> None:
     limit = 40_000
-    index = build_shards(image_tree.root, tmp_path / "out", bytes_per_shard=limit)
+    index = build_shards(image_tree.root, tmp_path / "out", bytes_per_shard=limit, samples_per_shard=1000)
     files = shard_files(tmp_path / "out")
     assert len(files) > 2 and index.total == len(image_tree.good)
     assert all(p.stat().st_size <= limit for p in files)

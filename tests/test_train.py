@@ -162,7 +162,8 @@ def test_accum_iter_longer_than_an_epoch_is_an_error(tmp_path):
 
 
 def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
-    """Undecodable, zero-byte and image-less members planted in real shards: the run finishes and logs the count."""
+    """Undecodable, zero-byte and image-less members planted in real shards are counted as
+    skipped; greyscale and CMYK images are kept and counted apart, as converted."""
     import io
     import tarfile
 
@@ -173,7 +174,13 @@ def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
     for i in range(4):
         shutil.copy(ROOT / "shards" / "cifar10" / f"test-{i:06d}.tar", shards)
     index = read_index(ROOT / "shards" / "cifar10" / "test-index.json")
-    planted = {0: [("a0.jpg", b"not a jpeg"), ("a1.jpg", b"")], 1: [("b0.cls", b"3")]}
+    with tarfile.open(shards / "test-000002.tar") as tar:
+        jpeg = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg"))
+    grey, cmyk = io.BytesIO(), io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("L").save(grey, format="PNG")
+    Image.open(io.BytesIO(jpeg)).convert("CMYK").save(cmyk, format="JPEG")
+    planted = {0: [("a0.jpg", b"not a jpeg"), ("a1.jpg", b"")], 1: [("b0.cls", b"3")],
+               2: [("c0.png", grey.getvalue()), ("c1.jpg", cmyk.getvalue())]}  # fmt: skip
     for shard, members in planted.items():
         with tarfile.open(shards / f"test-{shard:06d}.tar", "a") as tar:
             for name, data in members:
@@ -183,11 +190,14 @@ def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
         index.shards[shard].samples += len(members)
     write_index(shards, index)
     out = tmp_path / "run"
-    run(out, f"data.train={shards}/test-{{000000..000003}}.tar", "data.val=", "epochs=1", "batch_size=64",
-        "model_overrides.depth=1")  # fmt: skip
+    proc = run(out, f"data.train={shards}/test-{{000000..000003}}.tar", "data.val=", "epochs=1", "batch_size=64",
+               "model_overrides.depth=1")  # fmt: skip
     last = [m for m in read_metrics(out) if "loss" in m][-1]
     assert last["skipped"] == 3
     assert last["skipped_by_reason"] == {"undecodable": 2, "no_image": 1}
+    assert last["converted"] == 2
+    assert last["converted_by_mode"] == {"CMYK": 1, "L": 1}
+    assert "epoch 0 data: skipped 3 (no_image 1, undecodable 2), converted to RGB 2 (CMYK 1, L 1)" in proc.stdout
 
 
 def test_accelerate_launch_on_cpu_uses_every_core(tmp_path):
@@ -205,3 +215,40 @@ def test_accelerate_launch_on_cpu_uses_every_core(tmp_path):
 
     assert f"on cpu ({os.cpu_count()} threads)" in launch(tmp_path / "a")
     assert "on cpu (1 threads)" in launch(tmp_path / "b", "cpu_threads=1")
+
+
+def test_default_run_on_a_small_folder_of_photos(tmp_path):
+    """75 photos, some greyscale, CMYK or palette, built into a single shard as a user with a small
+    folder might (the default cuts 2): the command the build prints pretrains with one loader
+    worker instead of failing, says so in one warning line, and counts nothing as skipped."""
+    import io
+    import shlex
+    import tarfile
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with tarfile.open(ROOT / "shards" / "cifar10" / "train-000000.tar") as tar:
+        jpegs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:75]
+    for i, data in enumerate(jpegs):
+        odd = {0: ("L", "PNG"), 1: ("CMYK", "JPEG"), 2: ("P", "PNG")}.get(i % 25)
+        if odd is None:
+            (photos / f"img{i:03d}.jpg").write_bytes(data)
+        else:
+            Image.open(io.BytesIO(data)).convert(odd[0]).save(photos / f"img{i:03d}.{odd[1].lower()}", format=odd[1])
+    build = subprocess.run([sys.executable, "-m", "shards", "build", str(photos), str(tmp_path / "shards"),
+                            "--samples-per-shard", "100"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    assert "samples: 75" in build.stdout and "skipped: 0" in build.stdout
+    command = shlex.split(build.stdout.splitlines()[-1].removeprefix("pretrain on them: "))
+    assert command[:4] == ["accelerate", "launch", "-m", "pipelines.pretrain"]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", *command[4:], f"output_dir={out}", "progress=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 1 shard(s) feed 1 process(es) x 1 loader worker(s), not the 2 of "
+                        "data.num_workers; more shards would read faster"]  # fmt: skip
+    records = [m for m in read_metrics(out) if "loss" in m]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]  # one line per epoch: 2 steps each
+    assert all(r["skipped"] == 0 and r["converted_by_mode"] == {"CMYK": 3, "L": 3, "P": 3} for r in records)
+    assert (out / "encoder.safetensors").is_file()

@@ -42,4 +42,5 @@ class FeatureLoader:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield {"image": self.features[idx], "label": self.labels[idx], "worker": 0, "skipped": {}}
+            yield {"image": self.features[idx], "label": self.labels[idx], "worker": 0, "skipped": {},
+                   "converted": {}}  # fmt: skip

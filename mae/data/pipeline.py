@@ -6,7 +6,8 @@
     SampleShuffle    buffered shuffle seeded by (seed, epoch, rank, worker)
     DecodeImages     bytes -> RGB -> transform; undecodable or image-less samples counted
     batched          stacked batches; the last one of each worker may be partial
-    TagBatches       each batch carries its worker id and that worker's skip counts
+    TagBatches       each batch carries its worker id and that worker's counts: samples
+                     skipped (by reason) and kept after a colour-mode conversion (by mode)
 
 Rank and world size are given, not discovered, so the same pipeline serves one process,
 many processes and tests. Loaders are never passed through ``accelerator.prepare``: the
@@ -20,6 +21,7 @@ import math
 import os
 import random
 import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -172,9 +174,11 @@ class ShardStream(IterableDataset):
 
 @dataclass
 class SkipCounter:
-    """Per-worker counts of what was skipped or converted, by reason."""
+    """Per-worker counts: samples dropped, by reason, and samples kept after a colour-mode
+    conversion to RGB, by stored mode; kept apart so that ``skipped`` means lost."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=Counter)  # skipped, by reason
+    converted: Counter = field(default_factory=Counter)  # kept, by mode (L, CMYK, RGBA, P, I;16...)
     bad_shards: set = field(default_factory=set)
     current: str = ""  # the shard being read, noted by ``reading``
 
@@ -235,7 +239,7 @@ class DecodeImages:
                 self.counter.counts["undecodable"] += 1
                 continue
             if mode != "RGB":
-                self.counter.counts[f"converted_{mode}"] += 1
+                self.counter.converted[mode] += 1
             label = -1
             if "cls" in sample:
                 try:
@@ -247,7 +251,7 @@ class DecodeImages:
 
 
 class TagBatches:
-    """Last step: dict batches with the worker's skip counts; caps a resampled epoch."""
+    """Last step: dict batches with the worker's skip and conversion counts; caps a resampled epoch."""
 
     def __init__(self, counter: SkipCounter, ctx: StreamContext, batches_per_rank: int | None) -> None:
         self.counter, self.ctx, self.batches_per_rank = counter, ctx, batches_per_rank
@@ -260,7 +264,8 @@ class TagBatches:
         for i, (images, labels) in enumerate(src):
             if i >= budget:
                 return
-            yield {"image": images, "label": labels, "worker": worker, "skipped": dict(self.counter.counts)}
+            yield {"image": images, "label": labels, "worker": worker, "skipped": dict(self.counter.counts),
+                   "converted": dict(self.counter.converted)}  # fmt: skip
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -316,12 +321,19 @@ class ShardLoader:
         else:
             # Training needs every rank busy (ranks step together); evaluation can leave one idle.
             if len(self.urls) < readers and every_reader_needs_a_shard:
-                raise DataError(
-                    f"{len(self.urls)} shard(s) cannot feed {world_size} process(es) x {max(1, num_workers)} "
-                    f"loader worker(s) = {readers} readers in a finite epoch: each reader needs a shard of its own. "
-                    "Use fewer data.num_workers, more shards (python -m shards build --samples-per-shard), "
-                    "or data.resampled=true."
-                )
+                if len(self.urls) < world_size:
+                    raise DataError(
+                        f"{len(self.urls)} shard(s) cannot feed {world_size} process(es) in a finite epoch: each "
+                        "process needs a shard of its own. Build more shards (python -m shards build "
+                        "--samples-per-shard N, N at most samples / processes), run fewer processes, "
+                        "or set data.resampled=true."
+                    )
+                # Each loader worker reads whole shards: more workers than shards would idle.
+                self.num_workers = len(self.urls) // world_size
+                if rank == 0:
+                    print(f"warning: {len(self.urls)} shard(s) feed {world_size} process(es) x {self.num_workers} "
+                          f"loader worker(s), not the {num_workers} of data.num_workers; more shards would read "
+                          "faster", file=sys.stderr)  # fmt: skip
             if self.sizes is None and samples_per_epoch is None:
                 raise DataError(
                     "the shards have no index (<prefix>-index.json beside them) to count an epoch by; "
@@ -375,6 +387,7 @@ class ShardLoader:
             prefetch_factor=4 if self.num_workers else None, worker_init_fn=_ignore_stop_signals,
         )  # fmt: skip
         self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
+        self.counter.converted.clear()
         self.counter.bad_shards.clear()
         return iter(loader)
 
