@@ -48,6 +48,9 @@ class RunConfig:
     # `accelerate launch` alone would pin one thread (OMP_NUM_THREADS=1) and halve a 2-core run.
     cpu_threads: int = 0
     log_every: int = 10  # optimiser steps between metrics lines
+    # Accelerate's trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, clearml,
+    # dvclive...; "all" (every one installed) or "none". metrics.jsonl is written either way.
+    report_to: str = "tensorboard"
     eval_every: int = 1  # epochs between evaluations (and reconstruction pictures)
     save_every: int = 1  # epochs between checkpoints; the last epoch is always saved
     keep_last: int = 2  # checkpoints kept
@@ -208,8 +211,7 @@ class Trainer:
             state = load_training_state(acc, resume_from, self.optimizer)
             start_step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
             acc.print(f"resumed from {resume_from} at epoch {start_epoch}, step {start_step}")
-        metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process,
-                                resume_step=start_step if resume_from is not None else None)  # fmt: skip
+        metrics = MetricsLogger(acc, cfg, resume_step=start_step if resume_from is not None else None)
         acc.print(
             f"lr {self.base_lr:.3e} = blr {cfg.blr:g} x effective batch {effective_batch(cfg, self.world)} / 256 "
             f"(batch_size {cfg.batch_size} x {self.world} process(es) x accum_iter {cfg.accum_iter})"

@@ -1,30 +1,94 @@
-"""Metrics a user can plot: ``metrics.jsonl`` (a JSON object per logged step) and
-TensorBoard events, written by the main process only and continued across resumes."""
+"""Metrics a user can plot, written by the main process only and continued across resumes:
+``metrics.jsonl`` (the project's own record, a JSON object per logged step) and the
+experiment trackers Accelerate drives (``report_to``: TensorBoard by default; W&B, MLflow,
+Comet, Aim, ClearML, DVCLive... when installed), with the run's resolved config as
+hyper-parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """``report_to`` ("tensorboard", "mlflow,tensorboard", "all", "none") as Accelerate's
+    ``log_with``; a name Accelerate does not know, or whose package is missing, is a ConfigError."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    known = [t.value for t in LoggerType]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; Accelerate's trackers: {', '.join(known)}, "
+                              "or none")  # fmt: skip
+        if name != "all" and name not in available:
+            raise ConfigError(f"report_to: tracker {name!r} is not installed (pip install its package, "
+                              "or choose another)")  # fmt: skip
+    return names
+
+
+def tracker_project(cfg: Any) -> str:
+    """The trackers' project (TensorBoard's sub-folder of output_dir, MLflow's experiment,
+    W&B's project): one per stage, e.g. ``mae-pretrain`` for ``PretrainConfig``."""
+    return "mae-" + type(cfg).__name__.removesuffix("Config").lower()
+
+
+def hyperparameters(cfg: Any) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys with scalar values, as trackers take them
+    (None, lists and empty mappings written as JSON)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix[:-1]] = value
+        else:
+            flat[prefix[:-1]] = json.dumps(value)
+
+    walk("", dataclasses.asdict(cfg))
+    return flat
+
+
+def scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of a metrics record, nested counts as ``skipped_by_reason/undecodable``."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[prefix + k] = v
+    return out
+
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool = True, resume_step: int | None = None) -> None:
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
-        if not enabled:
+    """Opens the run's trackers (``accelerator.init_trackers``) and writes every record to
+    them and to ``metrics.jsonl``. On resume, lines and TensorBoard events after the
+    checkpoint's step are dropped: the resumed run logs those steps again."""
+
+    def __init__(self, accelerator: Any, cfg: Any, resume_step: int | None = None) -> None:
+        self.acc = accelerator
+        self.enabled = accelerator.is_main_process
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        purge = resume_step + 1 if resume_step is not None else None
-        self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
         self._file = open(self.path, "a", buffering=1)
+        init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
+        accelerator.init_trackers(tracker_project(cfg), config=hyperparameters(cfg), init_kwargs=init_kwargs)
 
     def _truncate_after(self, step: int) -> None:
         """Lines logged after the checkpoint we resume from would be logged again: drop them."""
@@ -44,14 +108,12 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
+        self.acc.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
 
     def close(self) -> None:
+        """Closes ``metrics.jsonl``; the trackers end with ``accelerator.end_training()``."""
         if self.enabled:
             self._file.close()
-            self._tb.close()
 
 
 def _plain(v: Any) -> Any:

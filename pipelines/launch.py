@@ -14,6 +14,7 @@ from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
+from mae.metrics import tracker_names
 
 
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
@@ -22,10 +23,12 @@ EXIT_STOPPED = 75
 
 
 def make_accelerator(cfg: Any) -> Any:
-    """Accelerate from the launcher's environment, with the stage's precision, accumulation
-    and clipping; under DeepSpeed these and the micro-batch go into DeepSpeed's config,
-    so every launch config reaches the same code path. Imported here so that ``--help``
-    and config errors answer without loading Accelerate."""
+    """Accelerate from the launcher's environment, with the stage's precision, accumulation,
+    clipping and trackers (``report_to``: a ConfigError when unknown or not installed); under
+    DeepSpeed these and the micro-batch go into DeepSpeed's config, so every launch config
+    reaches the same code path. Imported here so that ``--help`` and config errors answer
+    without loading Accelerate."""
+    log_with = tracker_names(cfg.report_to)
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -40,7 +43,8 @@ def make_accelerator(cfg: Any) -> Any:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter,
-                              deepspeed_plugin=plugin)  # fmt: skip
+                              deepspeed_plugin=plugin, log_with=log_with,
+                              project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:
         plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes
     return accelerator
@@ -69,11 +73,11 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
     args = parser.parse_args(argv)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
+        accelerator = make_accelerator(cfg)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
 
-    accelerator = make_accelerator(cfg)
     threads = set_cpu_threads(cfg, accelerator)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from mae.data.pipeline import ShardLoader
 from mae.data.transforms import eval_transform
 from mae.models import MAEConfig, MaskedAutoencoderViT
 from mae.pretrain import PretrainConfig, build_trainer
+from pipelines.launch import make_accelerator
 
 SMALL = MAEConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
                   decoder_depth=1, decoder_num_heads=4)  # fmt: skip
@@ -59,7 +60,7 @@ def step_equivalence(out: Path, batch: int) -> None:
 
 def stage(out: Path, overrides: list[str]) -> None:
     cfg = load_config(PretrainConfig, None, [f"output_dir={out / 'run'}", *overrides])
-    acc = Accelerator(gradient_accumulation_steps=cfg.accum_iter)
+    acc = make_accelerator(cfg)  # as the stage makes it: trackers included
     trainer = build_trainer(cfg, acc)
     result = trainer.fit()
     dump_params(trainer.model, out, acc)

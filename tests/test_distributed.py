@@ -68,4 +68,4 @@ def test_pretraining_stage_with_two_processes(tmp_path):
     assert report["step"] == 32  # 500 images per rank in batches of 16, 2 workers x ceil(250 / 16)
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
-    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
+    assert len(list((tmp_path / "run" / "mae-pretrain").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer

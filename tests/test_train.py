@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -51,6 +52,17 @@ def train_losses(out: Path) -> dict[int, float]:
 
 def val_losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
+
+
+def tensorboard_losses(out: Path) -> dict[int, float]:
+    """``loss`` by step as TensorBoard reads the run's events (events purged by a resume dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "mae-pretrain"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert len(steps) == len(set(steps)), "a step logged twice"
+    return {e.step: e.value for e in events.Scalars("loss")}
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -90,7 +102,10 @@ def test_short_run_lowers_loss_and_writes_outputs(reference_run):
     assert records[0]["lr"] < records[STEPS_PER_EPOCH - 1]["lr"]  # warm-up rises...
     assert records[-1]["lr"] < 0.01 * max(r["lr"] for r in records)  # ...then cosine decays to ~0
     assert all(r["skipped"] == 0 for r in records)
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert tensorboard_losses(out) == {r["step"]: pytest.approx(r["loss"]) for r in records}
+    hparams = yaml.safe_load(next((out / "mae-pretrain").glob("*/hparams.yml")).read_text())
+    assert hparams["batch_size"] == 32 and hparams["model_overrides.depth"] == 4 and hparams["report_to"] == "tensorboard"
+    assert hparams["data.train"] == "shards/cifar10/test-{000000..000003}.tar" and hparams["lr"] == "null"
     picture = Image.open(out / "reconstructions" / "epoch-0002.png")
     assert picture.width > 4 * 128 and picture.height > 4 * 128  # 4 columns, 4 images, enlarged
     assert (out / "config.yaml").exists()
@@ -140,6 +155,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference_run, tmp_pa
     assert max(train_losses(out)) == step
     run(out, "resume=auto")
     assert_same_run(reference_run, out)
+    assert tensorboard_losses(out) == pytest.approx(train_losses(out))  # the resumed steps once, as logged
 
 
 def test_non_finite_loss_stops_without_touching_checkpoints(reference_run, tmp_path):
@@ -215,6 +231,40 @@ def test_accelerate_launch_on_cpu_uses_every_core(tmp_path):
 
     assert f"on cpu ({os.cpu_count()} threads)" in launch(tmp_path / "a")
     assert "on cpu (1 threads)" in launch(tmp_path / "b", "cpu_threads=1")
+
+
+def test_mlflow_tracker_records_the_losses_and_the_config(tmp_path):
+    """report_to=mlflow with a local file store: the run's loss per step and its resolved config
+    as parameters, read back with MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file://{tmp_path / 'mlruns'}"
+    out = tmp_path / "run"
+    proc = subprocess.run(stage(out, "report_to=mlflow", "epochs=1", "warmup_epochs=0", "model_overrides.depth=1",
+                                "data.val="), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MLFLOW_TRACKING_URI=uri))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run_info,) = client.search_runs([client.get_experiment_by_name("mae-pretrain").experiment_id])
+    history = client.get_metric_history(run_info.info.run_id, "loss")
+    assert {m.step: m.value for m in history} == pytest.approx(train_losses(out))
+    assert len(history) == STEPS_PER_EPOCH
+    params = run_info.data.params
+    assert params["batch_size"] == "32" and params["report_to"] == "mlflow" and params["model_overrides.depth"] == "1"
+    assert not (out / "mae-pretrain").exists()  # no TensorBoard unless asked for
+
+
+def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    proc = run(tmp_path / "a", "report_to=tensorboard,nosuch", check=False)
+    assert proc.returncode == 2 and "config error: report_to: unknown tracker 'nosuch'" in proc.stderr
+    available = {str(t) for t in get_available_trackers()}
+    missing = next(t.value for t in LoggerType if t.value != "all" and t.value not in available)
+    proc = run(tmp_path / "b", f"report_to={missing}", check=False)
+    assert proc.returncode == 2 and f"report_to: tracker {missing!r} is not installed" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
 def test_default_run_on_a_small_folder_of_photos(tmp_path):
