@@ -13,6 +13,7 @@ from typing import Any, Callable
 from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
+from mae.precision import Precision, resolve_precision
 
 
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
@@ -20,11 +21,12 @@ from mae.engine import NonFiniteLoss
 EXIT_STOPPED = 75
 
 
-def make_accelerator(cfg: Any) -> Any:
-    """Accelerate from the launcher's environment, with the stage's precision, accumulation
-    and clipping; under DeepSpeed these and the micro-batch go into DeepSpeed's config,
-    so every launch config reaches the same code path. Imported here so that ``--help``
-    and config errors answer without loading Accelerate."""
+def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
+    """Accelerate from the launcher's environment, with the stage's precision (``auto``
+    resolved for the device this process gets), accumulation and clipping; under DeepSpeed
+    these and the micro-batch go into DeepSpeed's config, so every launch config reaches
+    the same code path. Imported here so that ``--help`` and config errors answer without
+    loading Accelerate."""
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -38,11 +40,12 @@ def make_accelerator(cfg: Any) -> Any:
         plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter,
+    precision = resolve_precision(cfg.mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
                               deepspeed_plugin=plugin)  # fmt: skip
     if plugin is not None:
         plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes
-    return accelerator
+    return accelerator, precision
 
 
 def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
@@ -72,13 +75,15 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
 
-    accelerator = make_accelerator(cfg)
+    accelerator, precision = make_accelerator(cfg)
     threads = set_cpu_threads(cfg, accelerator)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.print(f"{prog}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                      f"on {accelerator.device}{threads}, output in {cfg.output_dir}")
+                      f"on {accelerator.device}{threads}, {precision.describe()}, output in {cfg.output_dir}")
+    if precision.warning:
+        accelerator.print(f"{prog}: warning: {precision.warning}")
     try:
         result = stage(cfg, accelerator)
     except (ConfigError, DataError, FileNotFoundError) as err:
