@@ -79,6 +79,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. resume=123 given as a number
+        if value is False:  # YAML 1.1 reads a bare `no` as false: mixed_precision=no
+            return "no"
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 

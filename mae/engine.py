@@ -5,11 +5,13 @@ A stage hands over its model and optimiser (unprepared), a loader and a ``Task``
 owns the step: gradient accumulation, the lr schedule, clipping, the non-finite-loss
 guard, logging, checkpoints, resume and graceful stops on SIGTERM/SIGUSR1.
 Accelerate owns devices, precision and distribution.
+
+Between log steps the loop never waits on the device: losses add up on it, the guard
+cancels a bad step there, and the loader promises every rank the same batch count.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,9 +24,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError
-from .data.pipeline import DataConfig
+from .data.pipeline import DataConfig, DataError
 from .metrics import MetricsLogger
 from .optim import lr_at, scaled_lr
+from .precision import PRECISIONS
 
 
 @dataclass
@@ -43,7 +46,8 @@ class RunConfig:
     clip_grad: float | None = None  # max gradient norm; None for no clipping
     seed: int = 0
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint folder
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where the hardware runs it natively, else fp32), "no", "bf16", "fp16"
+    compile: bool = False  # torch.compile the model (in place: weights keep their names)
     # CPU runs: torch threads per process. 0 shares this node's cores among its processes;
     # `accelerate launch` alone would pin one thread (OMP_NUM_THREADS=1) and halve a 2-core run.
     cpu_threads: int = 0
@@ -64,8 +68,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0 (0: cores / processes on the node), got {self.cpu_threads}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.mixed_precision!r}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ValueError("blr and lr must be positive")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
@@ -112,6 +116,62 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class NonFiniteGuard:
+    """Keeps a non-finite loss out of the weights without asking the host every micro-batch.
+
+    Each micro-batch adds "was the loss finite?" to a counter on the device. Where the
+    optimiser can cancel its own step from a device tensor (torch's fused AdamW reads
+    ``found_inf``, as ``GradScaler`` uses it), a step whose loss was not finite on any rank
+    is cancelled on the device and the counter is read at the next log step, which
+    stops the run: the weights are those of the last good step, and no checkpoint is
+    written after it (``Trainer._save`` checks first). The price: up to ``log_every``
+    cancelled steps run before the stop. Other optimisers (LARS, DeepSpeed's, fp16 with
+    its scaler) are checked on the host once per optimiser step, before it.
+    """
+
+    def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer, checkpoints: Path) -> None:
+        from accelerate.utils import DistributedType
+
+        self.acc, self.checkpoints = accelerator, checkpoints
+        self.base = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+        self.on_device = (
+            isinstance(self.base, torch.optim.Optimizer) and getattr(self.base, "_step_supports_amp_scaling", False)
+            and accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        )  # fmt: skip
+        self.bad = torch.zeros((), device=accelerator.device)  # non-finite losses since the last step
+        self.cancelled = torch.zeros((), device=accelerator.device)  # steps cancelled since the last check
+
+    def note(self, loss: torch.Tensor) -> None:
+        self.bad += torch.isfinite(loss.detach()).logical_not()
+
+    def before_step(self, epoch: int, step: int) -> None:
+        """Before the backward of the step's last micro-batch (DeepSpeed steps inside it)."""
+        found = (self.bad > 0).float()
+        self.bad.zero_()
+        if self.acc.num_processes > 1:  # a device collective: no host wait on GPUs
+            found = self.acc.reduce(found, reduction="sum").clamp_(max=1.0)
+        if not self.on_device:
+            if found.item():
+                raise self._error(f"at epoch {epoch}, step {step}; stopping before the optimiser step")
+            return
+        self.base.grad_scale, self.base.found_inf = None, found
+        self.cancelled += found
+
+    def after_step(self) -> None:
+        if self.on_device:
+            del self.base.grad_scale, self.base.found_inf
+
+    def check(self, epoch: int, step: int) -> None:
+        """On every rank at once (a log step, before a save): raise if a step was cancelled."""
+        if self.on_device and self.cancelled.item():
+            raise self._error(f"in {int(self.cancelled.item())} optimiser step(s) of epoch {epoch} up to step {step}; "
+                              "they were cancelled (weights unchanged) and the run stops")  # fmt: skip
+
+    def _error(self, where: str) -> NonFiniteLoss:
+        return NonFiniteLoss(f"loss is not finite {where}, no checkpoint written. Last good checkpoint: "
+                             f"{self.checkpoints}. Try a lower blr, clip_grad, or mixed_precision=no.")  # fmt: skip
+
+
 def effective_batch(cfg: RunConfig, num_processes: int) -> int:
     return cfg.batch_size * num_processes * cfg.accum_iter
 
@@ -122,7 +182,8 @@ def base_lr(cfg: RunConfig, num_processes: int) -> float:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next optimiser step and returns."""
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next optimiser step (the next
+    log step when several ranks must agree on it) and returns."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -172,7 +233,13 @@ class Trainer:
         self.resume_from = resolve_resume(cfg.resume, self.output_dir)
         if self.resume_from is not None:
             load_model_weights(self.resume_from, model, task.extra_state())
+        if cfg.compile:
+            # In place, so state dicts keep their names (no ``_orig_mod.``). Static shapes: a
+            # partial batch gets a graph of its own, and the full batches' graph is the same
+            # whatever came before, so a resumed run computes exactly what the first run did.
+            model.compile(dynamic=False)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.guard = NonFiniteGuard(accelerator, self.optimizer, self.output_dir / "checkpoints")
         self.world = accelerator.num_processes
         micro = loader.batches_per_epoch(0)
         if cfg.accum_iter > micro:
@@ -196,10 +263,10 @@ class Trainer:
     def _any(self, flag: bool) -> bool:
         return not self._all(not flag)
 
-    def _sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        return self.acc.reduce(torch.tensor(values, device=self.acc.device, dtype=torch.float64), reduction="sum").tolist()
+    def _sum(self, values: torch.Tensor) -> list[float]:
+        if self.world > 1:
+            values = self.acc.reduce(values, reduction="sum")
+        return values.tolist()
 
     # -- the loop
 
@@ -268,62 +335,84 @@ class Trainer:
         skip = skip_steps * accum
         bar = tqdm(total=budget, initial=skip, desc=f"epoch {epoch}", disable=not (acc.is_main_process and cfg.progress),
                    mininterval=1.0, dynamic_ncols=True)  # fmt: skip
-        window = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+        window = LogWindow(acc.device)
         counts_by_worker: dict[int, dict[str, dict[str, int]]] = {}
         last: dict[str, Any] = {}
-        it = iter(self.loader)
-        for micro in range(budget):
-            batch = next(it, None)
-            if not self._all(batch is not None):
-                acc.print(f"epoch {epoch} ended early at micro-batch {micro} of {budget}: a rank ran out of data")
-                break
-            counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
-            if micro < skip:  # resuming mid-epoch: the same batches, already trained on
-                continue
-            images = batch["image"].to(acc.device, non_blocking=True)
-            batch = dict(batch, image=images, label=batch["label"].to(acc.device, non_blocking=True))
+        for micro, batch in self._micro_batches(epoch, budget, skip, counts_by_worker):
             with acc.accumulate(self.model):
-                with acc.autocast():
-                    loss = self.task.train_step(self.model, batch)
-                finite = bool(torch.isfinite(loss.detach()).item())
-                window["all_finite"] = window.get("all_finite", True) and finite
-                if acc.sync_gradients:
-                    # Checked before backward: under DeepSpeed the backward of the last
-                    # micro-batch also takes the optimiser step.
-                    if not self._all(window.pop("all_finite")):
-                        raise NonFiniteLoss(
-                            f"loss is not finite at epoch {epoch}, step {step}; stopping before the optimiser "
-                            f"step, no checkpoint written. Last good checkpoint: {self.output_dir / 'checkpoints'}. "
-                            "Try a lower blr, clip_grad, or mixed_precision=no."
-                        )
-                    lr = lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps,
-                               total_steps=self.total_steps, min_lr=cfg.min_lr)  # fmt: skip
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                loss = self._forward(batch, window)
+                if acc.sync_gradients:  # before backward: under DeepSpeed it takes the optimiser step
+                    lr = self._before_step(epoch, step)
                 acc.backward(loss)
-                if acc.sync_gradients and cfg.clip_grad is not None:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)  # DeepSpeed clips by its config
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
-                    self.task.after_step(self.model, step + 1)
-            window["loss"] += loss.item() if finite else math.nan
-            window["n"] += 1
-            window["images"] += images.shape[0]
+                    self._optimizer_step(step)
             bar.update(1)
             if not acc.sync_gradients:
                 continue
+            # -- once per optimiser step
             step += 1
-            if step % cfg.log_every == 0 or micro + 1 == budget:
+            logged = step % cfg.log_every == 0 or micro + 1 == budget
+            if logged:  # the only host reads of the loop: the loss window and the guard
+                self.guard.check(epoch, step)
                 last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-            if self._any(stop.received is not None):
+            # ranks agree on a stop at log steps; alone, every step is free to look
+            if (logged or self.world == 1) and self._any(stop.received is not None):
                 bar.close()
                 return step, True, last
         bar.close()
         return step, False, last
 
-    def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: dict,
+    # -- per micro-batch
+
+    def _micro_batches(self, epoch: int, budget: int, skip: int,
+                       counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> Iterator[tuple[int, dict[str, Any]]]:  # fmt: skip
+        """Micro-batches ``skip`` to ``budget`` of the epoch, on the device. The loader gives every
+        rank the planned number (``ShardLoader`` refills what corrupt samples took), so ranks
+        never ask each other whether someone ran out."""
+        it = iter(self.loader)
+        for micro in range(budget):
+            batch = next(it, None)
+            if batch is None:
+                raise DataError(f"epoch {epoch}: the loader ended after {micro} of the {budget} batches it planned; "
+                                "ranks would fall out of step")  # fmt: skip
+            counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
+            if micro < skip:  # resuming mid-epoch: the same batches, already trained on
+                continue
+            yield micro, self._to_device(batch)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.acc.device
+        return dict(batch, image=batch["image"].to(device, non_blocking=True),
+                    label=batch["label"].to(device, non_blocking=True))  # fmt: skip
+
+    def _forward(self, batch: dict[str, Any], window: "LogWindow") -> torch.Tensor:
+        with self.acc.autocast():
+            loss = self.task.train_step(self.model, batch)
+        self.guard.note(loss)
+        window.add(loss, batch["image"].shape[0])
+        return loss
+
+    # -- per optimiser step
+
+    def _before_step(self, epoch: int, step: int) -> float:
+        """The non-finite guard and this step's learning rate; returns the rate."""
+        self.guard.before_step(epoch, step)
+        lr = lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                   min_lr=self.cfg.min_lr)  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _optimizer_step(self, step: int) -> None:
+        if self.cfg.clip_grad is not None:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)  # DeepSpeed clips by its config
+        self.optimizer.step()
+        self.guard.after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_step(self.model, step + 1)
+
+    def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: "LogWindow",
              counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:  # fmt: skip
         totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
         for counts in self._gather(counts_by_worker):
@@ -331,8 +420,8 @@ class Trainer:
                 for key, n in by_key.items():
                     totals[kind][key] = totals[kind].get(key, 0) + n
         skipped, converted = totals["skipped"], totals["converted"]
-        loss_sum, n, images = self._sum([window["loss"], window["n"], window["images"]])
-        elapsed = time.perf_counter() - window["t"]
+        loss_sum, n, images = self._sum(window.totals())
+        elapsed = time.perf_counter() - window.start
         record = {
             "epoch": epoch,
             "loss": loss_sum / max(1, n),
@@ -346,7 +435,7 @@ class Trainer:
         if converted:
             record["converted_by_mode"] = dict(sorted(converted.items()))
         metrics.log(step, **record)
-        window.update(loss=0.0, n=0, images=0, t=time.perf_counter())
+        window.reset()
         return record
 
     def _gather(self, by_worker: dict[int, dict[str, dict[str, int]]]) -> list[dict[str, dict[str, int]]]:
@@ -358,6 +447,7 @@ class Trainer:
         return [counts for rank_counts in gather_object([list(by_worker.values())]) for counts in rank_counts]
 
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
+        self.guard.check(epoch, step)  # never save weights that a cancelled step stands behind
         state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg)}
         save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
                         state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
@@ -370,6 +460,28 @@ def data_counts(record: dict[str, Any]) -> str:
 
     return (f"skipped {part(record.get('skipped', 0), record.get('skipped_by_reason', {}))}, "
             f"converted to RGB {part(record.get('converted', 0), record.get('converted_by_mode', {}))}")  # fmt: skip
+
+
+class LogWindow:
+    """Sums since the last log line; the loss stays on the device until the line is written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.reset()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss.detach()
+        self.micro += 1
+        self.images += images
+
+    def totals(self) -> torch.Tensor:
+        """[loss sum, micro-batches, images], float64 on the device (one tensor to reduce)."""
+        counts = torch.tensor([self.micro, self.images], dtype=torch.float64).to(self.loss.device, non_blocking=True)
+        return torch.cat([self.loss.view(1), counts])
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.micro, self.images, self.start = 0, 0, time.perf_counter()
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .encoder import create_vit
 from .engine import FitResult, RunConfig, Trainer, base_lr
 from .evaluation import ClassificationTask
+from .optim import adamw
 
 
 @dataclass
@@ -157,7 +158,8 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     train, val = make_loaders(cfg.data, train_transform(cfg, size), eval_transform(size), batch_size=cfg.batch_size,
                               seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr(cfg, world))
+    optimizer = adamw(optimizer_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr(cfg, world),
+                      device=accelerator.device)  # fmt: skip
     model = model.to(accelerator.device)
     task = FinetuneTask(cfg, accelerator, val, len(classes), model, size)
     set_seed(cfg.seed + rank)

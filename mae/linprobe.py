@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ from .data.features import FeatureLoader
 from .data.pipeline import ShardLoader, make_loaders, shard_classes
 from .data.transforms import eval_transform, probe_transform
 from .encoder import create_vit
-from .engine import FitResult, RunConfig, Trainer, base_lr
-from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify
+from .engine import FitResult, NonFiniteLoss, RunConfig, Trainer, base_lr, effective_batch
+from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify, topk_correct
+from .metrics import MetricsLogger
+from .optim import lr_at
 
 
 @dataclass
@@ -115,13 +119,6 @@ class ProbeTask(ClassificationTask):
         self.write_results(output_dir)
 
 
-def _rank_min(n: int, accelerator: Any) -> int:
-    """The smallest ``n`` over ranks, so every rank runs the same number of steps."""
-    if accelerator.num_processes == 1:
-        return n
-    return int(accelerator.gather(torch.tensor([n], device=accelerator.device)).min().item())
-
-
 def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
     from accelerate.utils import set_seed
 
@@ -147,17 +144,78 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
             extra = knn_classify(*(gather_all(t, accelerator) for t in (*bank, *queries)), num_classes=len(classes),
                                  k=cfg.knn_k, temperature=cfg.knn_temperature)  # fmt: skip
             accelerator.print("k-NN: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()))
-    if cfg.cached_features:
-        feats, labels = features["train"]
-        loader = FeatureLoader(feats, labels, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                               batches_per_epoch=_rank_min(-(-len(feats) // cfg.batch_size), accelerator))  # fmt: skip
-        val_loader = FeatureLoader(*features["val"], batch_size=cfg.batch_size, shuffle=False) if val else None
-        model: nn.Module = probe.head
-        pad_shape: tuple[int, ...] = (feats.shape[1],)
-    else:
-        loader, val_loader, model, pad_shape = train, val, probe, (3, size, size)
     optimizer = lars_for(probe.head, base_lr(cfg, world), cfg.weight_decay)
-    return Trainer(cfg, accelerator, model, optimizer, loader, ProbeTask(accelerator, val_loader, extra, pad_shape)).fit()
+    if cfg.cached_features:
+        train_set = FeatureLoader(*(gather_all(t, accelerator).to(accelerator.device) for t in features["train"]),
+                                  batch_size=effective_batch(cfg, world), seed=cfg.seed, shuffle=cfg.data.shuffle)  # fmt: skip
+        val_set = [gather_all(t, accelerator).to(accelerator.device) for t in features["val"]] if val else None
+        task = ProbeTask(accelerator, None, extra, (train_set.features.shape[1],))
+        return fit_head_on_features(cfg, accelerator, probe.head, optimizer, train_set, val_set, task)
+    task = ProbeTask(accelerator, val, extra, (3, size, size))
+    return Trainer(cfg, accelerator, probe, optimizer, train, task).fit()
+
+
+def fit_head_on_features(
+    cfg: LinprobeConfig, accelerator: Any, head: ProbeHead, optimizer: torch.optim.Optimizer, train: FeatureLoader,
+    val: list[torch.Tensor] | None, task: ProbeTask,
+) -> FitResult:  # fmt: skip
+    """The cached probe's loop, at memory speed: the features sit on the device, each epoch
+    is one shuffled copy cut into batch views, the loss is read only at log steps, and
+    evaluation is one matmul over the validation features. Every rank holds all ranks'
+    features (tens of MB) and trains the same head on the same batches of one optimiser
+    step each (``batch_size`` x processes x ``accum_iter``), so nothing is exchanged; the
+    schedule and LARS steps are the shared loop's. No checkpoints: it takes seconds."""
+    if cfg.resume:
+        accelerator.print(f"resume={cfg.resume}: the cached probe retrains its head from the features (seconds)")
+    head.to(accelerator.device).train()
+    steps_per_epoch = train.batches_per_epoch(0)
+    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    lr0, batch = base_lr(cfg, accelerator.num_processes), train.batch_size
+    metrics = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process)
+    accelerator.print(f"cached probe: {len(train.features)} features x {cfg.epochs} epochs, {steps_per_epoch} steps "
+                      f"of {batch} per epoch, lr {lr0:.3e}")  # fmt: skip
+    loss_sum, seen, start, step = torch.zeros((), device=accelerator.device), 0, time.perf_counter(), 0
+    for epoch in range(cfg.epochs):
+        features, labels = train.shuffled(epoch)
+        for i in range(steps_per_epoch):
+            lr = lr_at(step, base_lr=lr0, warmup_steps=warmup, total_steps=total, min_lr=cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = F.cross_entropy(head(features[i * batch : (i + 1) * batch]), labels[i * batch : (i + 1) * batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step, seen = step + 1, seen + 1
+            if step % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                mean = loss_sum.item() / seen
+                if not math.isfinite(mean):
+                    raise NonFiniteLoss(f"loss is not finite in the cached probe at epoch {epoch}, step {step}; "
+                                        "try a lower blr")  # fmt: skip
+                elapsed = time.perf_counter() - start
+                metrics.log(step, epoch=epoch, loss=mean, lr=lr, images_per_sec=seen * batch / elapsed, skipped=0)
+                loss_sum.zero_()
+                seen, start = 0, time.perf_counter()
+        if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            scores = score_features(head, *val)
+            task.results.update(scores)
+            metrics.log(step, epoch=epoch, **scores)
+            accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    if accelerator.is_main_process:
+        task.finish(head, Path(cfg.output_dir), head.state_dict())
+    metrics.close()
+    return FitResult(step, cfg.epochs, False, dict(task.results))
+
+
+@torch.no_grad()
+def score_features(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1 / top5 in percent and mean cross-entropy of ``head`` on all of ``features`` at once."""
+    head.eval()
+    logits = head(features).float()
+    head.train()
+    c1, c5 = topk_correct(logits, labels)
+    n = max(1, len(labels))
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "val_loss": F.cross_entropy(logits, labels).item()}
 
 
 def _encode(probe: LinearProbe, cfg: LinprobeConfig, accelerator: Any, train: ShardLoader | None,

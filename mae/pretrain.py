@@ -16,7 +16,7 @@ from .encoder import ENCODER_FILE
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
 from .models.mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, preset_config
-from .optim import param_groups
+from .optim import adamw, param_groups
 from .visualize import reconstruct, save_reconstructions
 
 
@@ -134,7 +134,7 @@ def build_trainer(cfg: PretrainConfig, accelerator: Any) -> Trainer:
     rank, world = accelerator.process_index, accelerator.num_processes
     train, val = make_loaders(cfg.data, pretrain_transform(size), eval_transform(size), batch_size=cfg.batch_size,
                               seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
-                                  betas=(0.9, 0.95))  # fmt: skip
+    optimizer = adamw(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
+                      device=accelerator.device, betas=(0.9, 0.95))  # fmt: skip
     set_seed(cfg.seed + rank)  # masks differ across ranks, as their images do
     return Trainer(cfg, accelerator, model, optimizer, train, PretrainTask(cfg, accelerator, val))

@@ -15,6 +15,7 @@ from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
 from mae.metrics import tracker_names
+from mae.precision import Precision, resolve_precision
 
 
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
@@ -22,12 +23,13 @@ from mae.metrics import tracker_names
 EXIT_STOPPED = 75
 
 
-def make_accelerator(cfg: Any) -> Any:
-    """Accelerate from the launcher's environment, with the stage's precision, accumulation,
-    clipping and trackers (``report_to``: a ConfigError when unknown or not installed); under
-    DeepSpeed these and the micro-batch go into DeepSpeed's config, so every launch config
-    reaches the same code path. Imported here so that ``--help`` and config errors answer
-    without loading Accelerate."""
+def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
+    """Accelerate from the launcher's environment, with the stage's precision (``auto``
+    resolved for the device this process gets), accumulation, clipping and trackers
+    (``report_to``: a ConfigError when unknown or not installed); under DeepSpeed
+    these and the micro-batch go into DeepSpeed's config, so every launch config reaches
+    the same code path. Imported here so that ``--help`` and config errors answer without
+    loading Accelerate."""
     log_with = tracker_names(cfg.report_to)
     import torch
     from accelerate import Accelerator, PartialState
@@ -42,12 +44,12 @@ def make_accelerator(cfg: Any) -> Any:
         plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accum_iter,
-                              deepspeed_plugin=plugin, log_with=log_with,
-                              project_dir=cfg.output_dir)  # fmt: skip
+    precision = resolve_precision(cfg.mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
+                              deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:
         plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes
-    return accelerator
+    return accelerator, precision
 
 
 def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
@@ -73,7 +75,7 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
     args = parser.parse_args(argv)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
-        accelerator = make_accelerator(cfg)
+        accelerator, precision = make_accelerator(cfg)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
@@ -83,7 +85,9 @@ def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.print(f"{prog}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                      f"on {accelerator.device}{threads}, output in {cfg.output_dir}")
+                      f"on {accelerator.device}{threads}, {precision.describe()}, output in {cfg.output_dir}")
+    if precision.warning:
+        accelerator.print(f"{prog}: warning: {precision.warning}")
     try:
         result = stage(cfg, accelerator)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:

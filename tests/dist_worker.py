@@ -60,7 +60,7 @@ def step_equivalence(out: Path, batch: int) -> None:
 
 def stage(out: Path, overrides: list[str]) -> None:
     cfg = load_config(PretrainConfig, None, [f"output_dir={out / 'run'}", *overrides])
-    acc = make_accelerator(cfg)  # as the stage makes it: trackers included
+    acc, _ = make_accelerator(cfg)  # as the stage makes it: precision and trackers included
     trainer = build_trainer(cfg, acc)
     result = trainer.fit()
     dump_params(trainer.model, out, acc)

@@ -107,3 +107,10 @@ def test_model_overrides_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="embed_dim 100 is not divisible"):
         load_config(PretrainConfig, None, ["model_overrides.embed_dim=100"])
     assert load_config(PretrainConfig, None, ["model_overrides.depth=2"]).model_overrides == {"depth": 2}
+
+
+def test_mixed_precision_no_on_the_command_line_is_the_string_no():
+    """YAML 1.1 reads a bare `no` as false; the precision key still gets "no" (fp32)."""
+    from mae.pretrain import PretrainConfig
+
+    assert load_config(PretrainConfig, None, ["mixed_precision=no"]).mixed_precision == "no"

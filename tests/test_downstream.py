@@ -178,7 +178,8 @@ def test_probe_and_knn_beat_chance(pretrained_run, tmp_path):
 def test_cached_feature_probe_equals_the_probe_on_the_fly(pretrained_run, tmp_path):
     """Without augmentation and shuffling, training on stored features gives the same head as encoding each step."""
     common = [f"pretrained={pretrained_run}", "epochs=2", "warmup_epochs=1", "batch_size=100", "augment=false", "data.shuffle=false",
-              "data.num_workers=1", "knn=false", "data.train=shards/cifar10/test-{000000..000001}.tar"]  # fmt: skip
+              "data.num_workers=1", "knn=false", "data.train=shards/cifar10/test-{000000..000001}.tar",
+              "mixed_precision=no"]  # fp32 both ways: under bf16 autocast the on-the-fly head would run in bf16  # fmt: skip
     stage("linprobe", tmp_path / "cached", *common, "cached_features=true")
     stage("linprobe", tmp_path / "fly", *common, "cached_features=false")
     cached, fly = load_file(str(tmp_path / "cached" / "head.safetensors")), load_file(str(tmp_path / "fly" / "head.safetensors"))

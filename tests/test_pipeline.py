@@ -238,6 +238,41 @@ def test_greyscale_png_comes_out_as_three_equal_channels(corrupt_shards) -> None
     assert batch["converted"] == {"L": 1, "CMYK": 1, "RGBA": 1}
 
 
+def test_training_loader_gives_every_rank_its_planned_batches_despite_corrupt_samples(tmp_path: Path) -> None:
+    """The index promises 10 samples in shard 0, 2 of which do not decode: with fill_to_plan
+    (training) its worker still delivers 10, repeating its latest good ones, so each rank
+    yields exactly the batches the epoch was planned with and ranks never wait on each other."""
+    ids = write_id_shards(tmp_path, [8, 8, 8, 8])
+    with tarfile.open(tmp_path / "train-000000.tar", "a") as tar:
+        for name, data in (("bad0.png", b"not a png"), ("bad0.cls", b"0"), ("bad1.png", b""), ("bad1.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_index(tmp_path, ShardIndex(prefix="train", shards=[ShardEntry("train-000000.tar", 10)] +
+                                     [ShardEntry(f"train-{n:06d}.tar", 8) for n in (1, 2, 3)]))  # fmt: skip
+    def loader(rank: int, **kw) -> ShardLoader:
+        return ShardLoader(str(tmp_path), colour_id, batch_size=4, num_workers=2, shuffle_buffer=8, rank=rank,
+                           world_size=2, **kw)  # fmt: skip
+
+    seen, planned, without = [], [], []
+    for rank in (0, 1):
+        got, batches = read_ids(loader(rank, fill_to_plan=True), epoch=0)
+        planned.append(loader(rank).rank_batches(0, rank))
+        assert batches == planned[-1] >= loader(rank).batches_per_epoch(0)
+        seen += got
+        without.append(read_ids(loader(rank), epoch=0)[1])  # a plain loader reads what is there
+    assert len(seen) == 34 and set(seen) == set(ids)  # every good sample, plus 2 repeats for the 2 lost
+    assert without != planned
+
+
+def test_training_loader_without_a_decodable_sample_names_the_shards(tmp_path: Path) -> None:
+    write_tar(tmp_path / "train-000000.tar", [("a.png", b"junk"), ("a.cls", b"0")])
+    loader = ShardLoader(str(tmp_path / "train-000000.tar"), colour_id, batch_size=2, num_workers=0,
+                         samples_per_epoch=4, fill_to_plan=True)  # fmt: skip
+    with pytest.raises(DataError, match="train-000000.tar"):
+        read_ids(loader)
+
+
 # ----------------------------------------------------------------------- resampled
 
 

@@ -171,6 +171,32 @@ def test_non_finite_loss_stops_without_touching_checkpoints(reference_run, tmp_p
     assert after == before
 
 
+def test_compiled_run_keeps_plain_names_and_resumes_exactly(tmp_path):
+    """compile=true compiles the model in place: checkpoints and the encoder keep their names
+    (no ``_orig_mod.``), the encoder loads into timm, and a killed run resumes to the same losses."""
+    small = ["compile=true", "epochs=2", "model_overrides.depth=1", "data.val=",
+             "data.train=shards/cifar10/test-{000000..000001}.tar"]  # 2 workers x ceil(250 / 32) = 16 steps an epoch
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run(ref, *small)
+    proc = subprocess.Popen(stage(out, *small), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "checkpoints" / "ckpt-00000016").is_dir(), proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "encoder.safetensors").exists()
+    run(out, *small, "resume=auto")
+    names = set(load_file(str(list_checkpoints(out)[-1] / "model.safetensors")))
+    assert "blocks.0.attn.qkv.weight" in names and not any("_orig_mod" in k for k in names)
+    la, lb = train_losses(ref), train_losses(out)
+    assert sorted(la) == sorted(lb) == list(range(1, 33))
+    assert [lb[k] for k in sorted(lb)] == pytest.approx([la[k] for k in sorted(la)], rel=1e-5, abs=1e-6)
+    with safe_open(str(out / "encoder.safetensors"), "pt") as f:
+        meta = f.metadata()
+    vit = timm.create_model(meta["timm_name"], num_classes=0, **json.loads(meta["timm_kwargs"]))
+    vit.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
+
+
 def test_accum_iter_longer_than_an_epoch_is_an_error(tmp_path):
     proc = run(tmp_path / "run", "accum_iter=40", check=False)
     assert proc.returncode == 2

@@ -34,13 +34,19 @@ class FeatureLoader:
     def unseen_per_epoch(self, epoch: int) -> int:
         return 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def shuffled(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (features, labels) in ``epoch``'s order, one gather on their device; its
+        consecutive slices are the epoch's batches."""
         n = len(self.features)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        else:
-            order = torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield {"image": self.features[idx], "label": self.labels[idx], "worker": 0, "skipped": {},
+        if not self.shuffle:
+            return self.features, self.labels
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        order = order.to(self.features.device)
+        return self.features[order], self.labels[order]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        features, labels = self.shuffled(self.epoch)
+        for start in range(0, len(features), self.batch_size):
+            end = start + self.batch_size
+            yield {"image": features[start:end], "label": labels[start:end], "worker": 0, "skipped": {},
                    "converted": {}}  # fmt: skip

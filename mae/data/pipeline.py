@@ -5,6 +5,8 @@
     tar_to_samples   tar members grouped into samples; unreadable tars skipped and counted
     SampleShuffle    buffered shuffle seeded by (seed, epoch, rank, worker)
     DecodeImages     bytes -> RGB -> transform; undecodable or image-less samples counted
+    FillToPlan       (training, finite mode) exactly the worker's planned samples: what
+                     corrupt samples took is refilled with repeats of its latest ones
     batched          stacked batches; the last one of each worker may be partial
     TagBatches       each batch carries its worker id and that worker's counts: samples
                      skipped (by reason) and kept after a colour-mode conversion (by mode)
@@ -22,7 +24,7 @@ import os
 import random
 import signal
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +252,44 @@ class DecodeImages:
             yield self.transform(img), label
 
 
+class FillToPlan:
+    """Each worker delivers exactly the samples planned for it (its shards' indexed count,
+    or its share of ``samples_per_epoch``), so every rank gets the batches the epoch was
+    planned with even when corrupt samples are skipped, and ranks never need to ask each
+    other whether one ran out. A shortfall is refilled by cycling through the worker's
+    latest ``batch_size`` samples (the skip counts already report it); a surplus is cut."""
+
+    def __init__(self, urls: list[str], sizes: dict[str, int] | None, ctx: StreamContext, shuffle: bool,
+                 batch_size: int, rank_batches: int) -> None:  # fmt: skip
+        self.urls, self.sizes, self.ctx, self.shuffle = urls, sizes, ctx, shuffle
+        self.batch_size, self.rank_batches = batch_size, rank_batches
+
+    def planned(self, worker: int, num_workers: int) -> tuple[int, list[str]]:
+        """(samples, shards) of this worker this epoch."""
+        shards = finite_assignment(self.urls, self.ctx, num_workers, self.shuffle)[worker]
+        if self.sizes is not None:
+            return sum(self.sizes[u] for u in shards), shards
+        share = self.rank_batches // num_workers + (worker < self.rank_batches % num_workers)
+        return share * self.batch_size, shards
+
+    def __call__(self, src: Iterator[tuple[torch.Tensor, int]]) -> Iterator[tuple[torch.Tensor, int]]:
+        want, shards = self.planned(*self.ctx.worker())
+        if want == 0:
+            return
+        recent: deque = deque(maxlen=self.batch_size)
+        for sample in src:
+            recent.append(sample)
+            yield sample
+            want -= 1
+            if want == 0:
+                return
+        if not recent:
+            raise DataError(f"rank {self.ctx.rank} could decode no sample from its shards {shards}: "
+                            "nothing to fill its planned batches with")  # fmt: skip
+        for i in range(want):
+            yield recent[i % len(recent)]
+
+
 class TagBatches:
     """Last step: dict batches with the worker's skip and conversion counts; caps a resampled epoch."""
 
@@ -288,6 +328,8 @@ class ShardLoader:
 
     ``batches_per_epoch`` is this epoch's plan, the same on every rank: the fewest
     batches any rank gets (finite mode, from the shard index) or the resampled budget.
+    With ``fill_to_plan`` (training) every rank delivers at least that many, corrupt
+    samples or not; without it a finite epoch reads what the shards hold, once.
     """
 
     def __init__(
@@ -305,6 +347,7 @@ class ShardLoader:
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         every_reader_needs_a_shard: bool = True,
+        fill_to_plan: bool = False,
     ) -> None:
         self.urls = expand_shards(spec)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -341,12 +384,16 @@ class ShardLoader:
                 )
             self.samples_per_epoch = samples_per_epoch if self.sizes is None else sum(self.sizes.values())
         self.counter = SkipCounter()
+        fill = [] if resampled or not fill_to_plan else [
+            FillToPlan(self.urls, self.sizes, self.ctx, shuffle, batch_size, self._resampled_budget())
+        ]  # fmt: skip
         self._pipeline = wds.DataPipeline(
             ShardStream(self.urls, self.ctx, shuffle, resampled),
             self.counter.reading,
             wds.tarfile_to_samples(handler=self.counter.tar_error),
             SampleShuffle(self.ctx, shuffle_buffer if shuffle else 0),
             DecodeImages(transform, self.counter),
+            *fill,
             wds.batched(batch_size, collation_fn=_collate, partial=True),
             TagBatches(self.counter, self.ctx, self._resampled_budget() if resampled else None),
         )
@@ -399,7 +446,7 @@ def make_loaders(
     """The train loader (shuffled as configured) and the val loader (in order, one worker), or None without val."""
     train = ShardLoader(d.train, train_transform, batch_size=batch_size, num_workers=d.num_workers, rank=rank,
                         world_size=world_size, seed=seed, shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer,
-                        resampled=d.resampled, samples_per_epoch=d.samples_per_epoch)  # fmt: skip
+                        resampled=d.resampled, samples_per_epoch=d.samples_per_epoch, fill_to_plan=True)  # fmt: skip
     val = None
     if d.val:
         val = ShardLoader(d.val, val_transform, batch_size=batch_size, num_workers=min(1, d.num_workers),

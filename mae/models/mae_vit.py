@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from .linear import linear, use_onednn_linears
 from .pos_embed import resize_pos_embed, sincos_2d
 
 # ---------------------------------------------------------------------------- config
@@ -86,7 +87,7 @@ class PatchProjection(nn.Conv2d):
     """
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches, self.weight.flatten(1), self.bias)
+        return linear(patches, self.weight.flatten(1), self.bias)
 
 
 class PatchEmbed(nn.Module):
@@ -166,6 +167,7 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
+        use_onednn_linears(self)  # fp32 products on CPU by oneDNN (mae/models/linear.py)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

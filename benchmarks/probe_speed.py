@@ -1,0 +1,135 @@
+"""How fast the cached-feature linear probe trains its head, and what the whole probe
+costs against the augmented one.
+
+    # 1. features of a pretrained encoder, once (the stage's own encoder pass)
+    python benchmarks/probe_speed.py features --pretrained ENC --train SHARDS --val SHARDS --out DIR
+    # 2. the head trained on those same features two ways: the shared training loop over
+    #    FeatureLoader batches (the stage's path before this change) and fit_head_on_features
+    python benchmarks/probe_speed.py heads --out DIR
+    # 3. the whole stage, wall clock: cached (90 epochs) against augmented (--aug-epochs)
+    python benchmarks/probe_speed.py stage --pretrained ENC --train SHARDS --val SHARDS --out DIR
+
+Both head arms use LinprobeConfig's defaults (90 epochs, batch 256, LARS, blr 6.4, 10
+warm-up epochs), fp32, the same initial head and the same shuffles, so their accuracies
+should agree to float noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def features(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from mae.data.pipeline import DataConfig, make_loaders, shard_classes
+    from mae.data.transforms import eval_transform
+    from mae.encoder import create_vit
+    from mae.linprobe import LinearProbe, LinprobeConfig, _encode
+    from mae.precision import resolve_precision
+
+    torch.set_num_threads(args.threads)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    acc = Accelerator(mixed_precision=precision.mode, cpu=True)
+    encoder = create_vit("auto", args.pretrained, num_classes=0)
+    probe = LinearProbe(encoder, len(shard_classes(args.train)))
+    size = encoder.patch_embed.img_size[0]
+    data = DataConfig(train=args.train, val=args.val, shuffle=False)
+    train, val = make_loaders(data, eval_transform(size), eval_transform(size), batch_size=256, seed=0, rank=0,
+                              world_size=1)  # fmt: skip
+    start = time.perf_counter()
+    out = _encode(probe, LinprobeConfig(data=data, batch_size=256), acc, train, val, size)
+    wall = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": out["train"], "val": out["val"]}, args.out / "features.pt")
+    n = len(out["train"][0]) + len(out["val"][0])
+    print(f"encoded {n} images in {wall:.1f} s ({n / wall:.0f} img/s, {precision.describe()})")
+    (args.out / "encode.json").write_text(json.dumps({"images": n, "wall_s": wall, "precision": precision.describe()}))
+
+
+def heads(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from mae.data.features import FeatureLoader
+    from mae.engine import Trainer, base_lr, effective_batch
+    from mae.linprobe import LinprobeConfig, ProbeHead, ProbeTask, fit_head_on_features, lars_for
+
+    torch.set_num_threads(args.threads)
+    saved = torch.load(args.out / "features.pt", weights_only=True)
+    (tf, tl), (vf, vl) = saved["train"], saved["val"]
+    acc = Accelerator(mixed_precision="no", cpu=True)
+    results = {}
+    for arm in args.arms.split(","):
+        cfg = LinprobeConfig(output_dir=str(args.out / arm), progress=False, mixed_precision="no")
+        torch.manual_seed(cfg.seed)
+        head = ProbeHead(tf.shape[1], int(tl.max()) + 1)
+        opt = lars_for(head, base_lr(cfg, 1), cfg.weight_decay)
+        start = time.perf_counter()
+        if arm == "loop":  # the shared loop over FeatureLoader batches, as the stage trained before
+            loader = FeatureLoader(tf, tl, batch_size=cfg.batch_size, seed=cfg.seed)
+            task = ProbeTask(acc, FeatureLoader(vf, vl, batch_size=cfg.batch_size, shuffle=False), {}, (tf.shape[1],))
+            result = Trainer(cfg, acc, head, opt, loader, task).fit()
+        else:
+            train = FeatureLoader(tf, tl, batch_size=effective_batch(cfg, 1), seed=cfg.seed)
+            task = ProbeTask(acc, None, {}, (tf.shape[1],))
+            result = fit_head_on_features(cfg, acc, head, opt, train, [vf, vl], task)
+        scores = {k: result.last_metrics[k] for k in ("top1", "top5")}
+        wall = time.perf_counter() - start
+        results[arm] = {"wall_s": wall, **scores, "steps": result.step}
+        print(f"{arm}: {wall:.1f} s for {result.step} steps ({cfg.epochs} epochs of {len(tf)} features), "
+              f"top1 {scores['top1']:.2f}, top5 {scores['top5']:.2f}")
+    if {"loop", "fast"} <= results.keys():
+        print(f"fast / loop speed: {results['loop']['wall_s'] / results['fast']['wall_s']:.0f}x; "
+              f"top1 difference {results['fast']['top1'] - results['loop']['top1']:+.2f} points")
+    (args.out / "heads.json").write_text(json.dumps(results, indent=1))
+
+
+def stage(args: argparse.Namespace) -> None:
+    common = [f"pretrained={args.pretrained}", f"data.train={args.train}", f"data.val={args.val}", "knn=false",
+              "progress=false"]  # fmt: skip
+    arms = {"cached": ["cached_features=true"], "augmented": ["cached_features=false", f"epochs={args.aug_epochs}"]}
+    walls = {}
+    for arm in args.arms.split(","):
+        cmd = [sys.executable, "-m", "pipelines.linprobe", f"output_dir={args.out / ('stage-' + arm)}", *common,
+               *arms[arm]]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        walls[arm] = time.perf_counter() - start
+        if proc.returncode:
+            sys.exit(f"{arm} failed:\n{proc.stderr[-3000:]}")
+        print(f"{arm}: {walls[arm]:.0f} s  ({' '.join(arms[arm])}); {proc.stdout.strip().splitlines()[-1]}")
+    (args.out / f"stage-{args.arms.replace(',', '-')}.json").write_text(json.dumps(walls))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("features", "heads", "stage"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pretrained", help="features/stage: encoder file or run folder")
+    ap.add_argument("--train", help="features/stage: labelled train shards")
+    ap.add_argument("--val", help="features/stage: labelled validation shards")
+    ap.add_argument("--arms", default=None, help="heads: loop,fast; stage: cached,augmented")
+    ap.add_argument("--aug-epochs", type=int, default=1, help="stage: epochs of the augmented probe")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.mode == "heads":
+        args.arms = args.arms or "loop,fast"
+        heads(args)
+    elif args.mode == "stage":
+        args.arms = args.arms or "cached,augmented"
+        stage(args)
+    else:
+        features(args)
+
+
+if __name__ == "__main__":
+    main()
