@@ -259,12 +259,14 @@ def test_accelerate_launch_on_cpu_uses_every_core(tmp_path):
     assert "on cpu (1 threads)" in launch(tmp_path / "b", "cpu_threads=1")
 
 
-def test_mlflow_tracker_records_the_losses_and_the_config(tmp_path):
-    """report_to=mlflow with a local file store: the run's loss per step and its resolved config
-    as parameters, read back with MLflow's own client."""
+def test_mlflow_tracker_records_the_losses_and_the_config(tmp_path, monkeypatch):
+    """report_to=mlflow with a local file store (MLflow 3 asks for MLFLOW_ALLOW_FILE_STORE=true
+    to use one): the run's loss per step and its resolved config as parameters, read back with
+    MLflow's own client."""
     from mlflow.tracking import MlflowClient
 
     uri = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's client and the stage
     out = tmp_path / "run"
     proc = subprocess.run(stage(out, "report_to=mlflow", "epochs=1", "warmup_epochs=0", "model_overrides.depth=1",
                                 "data.val="), cwd=ROOT, capture_output=True, text=True, timeout=600,
