@@ -77,6 +77,14 @@ def report(out: Path, window: int) -> None:
             name = "fp32" if precision == "no" else precision
             print(f"| {name} | {seed} | {arms[precision][seed][0]:.4f} | {c[-1]:.4f} | {inside}/{len(checked)} | "
                   f"{excursion:.2f} | {wall:.0f} |")
+    width = statistics.fmean(high[i] - low[i] for i in checked)
+    for precision, runs in curves.items():
+        for seed, c in sorted(runs.items()):
+            twin = curves["no"].get(seed)
+            if precision != "no" and twin is not None:
+                gap = max(abs(c[i] - twin[i]) for i in checked)
+                print(f"{precision} seed {seed} against fp32 seed {seed} (same data, masks and start): largest "
+                      f"smoothed gap {gap:.4f}, {gap / width:.2f}x the mean fp32 band width ({width:.4f})")
     for precision, runs in curves.items():
         finals = [statistics.fmean(c[-50:]) for c in runs.values()]
         spread = f" ± {statistics.stdev(finals):.4f} (sd over seeds)" if len(finals) > 1 else ""

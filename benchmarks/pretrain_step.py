@@ -143,13 +143,14 @@ def build_variants(preset: str, names: list[str]) -> tuple[list[Variant], nn.Mod
         opt = adamw(model)
         if "compiled" in name:
             model.compile(dynamic=False)
-        variants.append(Variant(name, model, loss, opt, bf16=name.endswith("bf16")))
+        variants.append(Variant(name, model, loss, opt, bf16="bf16" in name))
     return variants, ours_ref, peer_ref
 
 
 VARIANTS = {
     "ours": "this project, eager, fp32",
     "ours_compiled": "this project, torch.compile, fp32",
+    "ours_bf16": "this project, eager, bf16 autocast",
     "ours_compiled_bf16": "this project, torch.compile, bf16 autocast",
     "hf": "HF ViTMAEForPreTraining, eager, fp32",
     "hf_compiled": "HF ViTMAEForPreTraining, torch.compile, fp32",
@@ -277,7 +278,22 @@ def environment(threads: int) -> dict[str, str | int | float]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_1min": round(os.getloadavg()[0], 2),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The checkout's commit, with "+dirty" when files differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def describe(r: Result, ceiling: float) -> str:
@@ -300,7 +316,8 @@ def describe(r: Result, ceiling: float) -> str:
 
 
 # (ours, peer) pairs reported as ratios of img/s; above 1 means ours is faster
-RATIOS = [("ours", "hf"), ("ours_compiled", "hf"), ("ours_compiled", "hf_compiled"), ("ours_compiled_bf16", "hf")]
+RATIOS = [("ours", "hf"), ("ours_compiled", "hf"), ("ours_compiled", "hf_compiled"), ("ours_bf16", "hf"),
+          ("ours_compiled_bf16", "hf")]
 
 
 def markdown_table(results: list[Result], ceiling: float) -> str:

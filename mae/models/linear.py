@@ -44,10 +44,13 @@ def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 _onednn_linear.register_autograd(_backward, setup_context=_save)
 
 
+ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile will not trace the call
+
+
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        ONEDNN_BUILT and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
     )  # fmt: skip
 
 
