@@ -97,8 +97,8 @@ def section(out: Path, script: str) -> str:
         *lines,
         "",
         "Seed-to-seed spread (baseline, seed 0 vs seed 1, pretraining and evaluation): "
-        + ("; ".join(spread) if spread else "not run") + ". Differences between arms smaller than",
-        "this spread say nothing.",
+        + ("; ".join(spread) if spread else "not run") + ".",
+        "Differences between arms smaller than this spread say nothing.",
         "",
         "<details><summary>Wall time per stage and the commands</summary>",
         "",
