@@ -8,11 +8,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mae.config import ConfigError, describe, load_config, save_config
 from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
+from pipelines.stages import STAGES
 
 
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
@@ -58,7 +59,10 @@ def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
     return f" ({torch.get_num_threads()} threads)"
 
 
-def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
+def run_stage(name: str, argv: list[str] | None, *, doc: str) -> int:
+    """The entry point of the training stage ``name`` of ``pipelines.stages.STAGES``."""
+    entry = STAGES[name]
+    config_cls, stage, prog = entry.config_class(), entry.function(), entry.module
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="keys (key=value, dotted for nested):\n" + "\n".join(describe(config_cls)),
