@@ -68,5 +68,7 @@ STAGES: dict[str, Stage] = {
               run="mae.linprobe:linprobe"),
         Stage("finetune", "end-to-end fine-tuning", config="mae.finetune:FinetuneConfig",
               run="mae.finetune:finetune"),
+        Stage("analyze", "what an encoder learned (the ViT paper's Figure 7)", cli="pipelines.analyze"),
+        Stage("reconstruct", "MAE reconstructions of image files", cli="pipelines.reconstruct"),
     )
 }  # fmt: skip
