@@ -15,16 +15,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 import yaml
+from torchvision import transforms as T
 
 from .checkpoint import find_latest, load_weights
 from .config import ConfigError, config_from_mapping
 from .data.decode import UndecodableImage, decode_rgb
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.pipeline import DataError, ShardLoader
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .encoder import ENCODER_FILE, encoder_metadata
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
+from .pretrain import PretrainConfig, model_config
 
 ACCEPTED = ("a pretraining or fine-tuning run folder, a checkpoint folder, an encoder.safetensors, "
             "a released MAE checkpoint ({'model': ...}) or a timm model name with --weights")  # fmt: skip
@@ -114,8 +118,6 @@ def _checkpoint_folder(path: Path, norm_pix_loss: bool | None, run: Path | None 
     config = torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("config", {})
     if "model_overrides" in config:
         where = f"pretraining run {run} ({path.name})" if run else f"pretraining checkpoint {path}"
-        from .pretrain import PretrainConfig, model_config
-
         try:
             cfg = model_config(config_from_mapping(PretrainConfig, config, str(path / "state.pt")))
         except ConfigError as err:
@@ -129,12 +131,7 @@ def _checkpoint_folder(path: Path, norm_pix_loss: bool | None, run: Path | None 
 
 
 def _weights_file(path: Path, norm_pix_loss: bool | None) -> Source:
-    meta = encoder_metadata(path) if path.suffix == ".safetensors" else {}
-    try:
-        sd = load_weights(path)
-    except Exception as err:  # torch and safetensors raise many types for a file that is not weights
-        raise SourceError(f"{path}: not a weights file torch or safetensors can read "
-                          f"({type(err).__name__}); give {ACCEPTED}") from None  # fmt: skip
+    sd, meta = _read_weights(path, str(path))
     if meta:  # an exported encoder records its timm architecture
         return Source(f"encoder {path}", _timm_encoder(meta["timm_name"], meta["timm_kwargs"], encoder_only(sd), path))
     if not isinstance(sd, dict) or "patch_embed.proj.weight" not in {k.removeprefix("module.") for k in sd}:
@@ -166,15 +163,21 @@ def _timm_source(name: str, weights: str) -> Source:
     path = Path(weights)
     if not path.is_file():
         raise SourceError(f"--weights {weights}: no such file")
-    try:
-        sd = load_weights(path)
-    except Exception as err:
-        raise SourceError(f"--weights {weights}: not a weights file torch or safetensors can read "
-                          f"({type(err).__name__})") from None  # fmt: skip
+    sd, _ = _read_weights(path, f"--weights {weights}")
     return Source(f"{name} with {weights}", _timm_encoder(name, {}, encoder_only(sd), path))
 
 
 # ------------------------------------------------------------------------ the builders
+
+
+def _read_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state dict and, for an exported encoder, its recorded timm architecture."""
+    try:
+        meta = encoder_metadata(path) if path.suffix == ".safetensors" else {}
+        return load_weights(path), meta
+    except Exception as err:  # torch and safetensors raise many types for a file that is not weights
+        raise SourceError(f"{what}: not a weights file torch or safetensors can read "
+                          f"({type(err).__name__}); give {ACCEPTED}") from None  # fmt: skip
 
 
 def _mae_source(cfg: MAEConfig, sd: dict[str, torch.Tensor], where: str) -> Source:
@@ -191,8 +194,6 @@ def _mae_source(cfg: MAEConfig, sd: dict[str, torch.Tensor], where: str) -> Sour
 def _timm_encoder(name: str, kwargs: dict[str, Any], sd: dict[str, torch.Tensor], where: Any) -> nn.Module:
     """timm's ``name`` built to fit ``sd``: image and patch size, depth, head and pooling
     are read from the weights; ``kwargs`` give the rest (width, heads...)."""
-    import timm
-
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if "patch_embed.proj.weight" not in sd:
         raise SourceError(f"{where}: holds no ViT weights (no patch_embed.proj.weight)")
@@ -251,8 +252,6 @@ def _grid_of(tokens: int) -> int:
 
 
 def _is_timm_name(name: str) -> bool:
-    import timm
-
     return "/" not in name and timm.is_model(name)
 
 
@@ -263,8 +262,6 @@ def read_images(paths: list[str], img_size: int) -> tuple[torch.Tensor, list[str
     """Image files -> [N, 3, img_size, img_size] normalised as in training, and one note per
     image that was not already that size: its short side is resized (bicubic) to
     ``img_size`` and the centre cropped, so the whole width or height stays in view."""
-    from torchvision import transforms as T
-
     resize = T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)])
     to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     images, notes = [], []
@@ -286,9 +283,6 @@ def read_images(paths: list[str], img_size: int) -> tuple[torch.Tensor, list[str
 
 def shard_images(spec: str, img_size: int, count: int) -> torch.Tensor:
     """The first ``count`` images of shards, in order, with the evaluation transform."""
-    from .data.pipeline import DataError, ShardLoader
-    from .data.transforms import eval_transform
-
     try:
         loader = ShardLoader(spec, eval_transform(img_size), batch_size=count, num_workers=0, shuffle=False,
                              every_reader_needs_a_shard=False, samples_per_epoch=count)  # fmt: skip

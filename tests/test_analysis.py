@@ -20,7 +20,7 @@ from mae.analysis import (
     attention_probabilities, filter_components, mean_distance, mixing_weights, patch_distances,
     position_similarity, prefix_share,
 )  # fmt: skip
-from mae.models.mae_vit import Attention
+from mae.models.mae_vit import Attention, encoder_only
 from pipelines import analyze as analyze_cli
 from pipelines import reconstruct as reconstruct_cli
 
@@ -172,13 +172,16 @@ def test_every_other_source_format(tiny_run, tmp_path, images):
     checkpoint = sorted((pt / "checkpoints").iterdir())[-1]
     released = tmp_path / "released.pth"  # the official release's layout: {'model': state_dict}
     torch.save({"model": load_file(str(checkpoint / "model.safetensors"))}, released)
+    released_encoder = tmp_path / "released-encoder.pth"  # as the official mae_pretrain_*.pth: no decoder
+    torch.save({"model": encoder_only(load_file(str(checkpoint / "model.safetensors")))}, released_encoder)
     with_decoder = {"checkpoint folder": [str(checkpoint)], "released .pth": [str(released)]}
-    encoder_only = {
+    encoder_only_sources = {
+        "released encoder-only .pth": [str(released_encoder)],
         "encoder file": [str(pt / "encoder.safetensors")],
         "timm name with weights": ["vit_tiny_patch16_224", "--weights", str(pt / "encoder.safetensors")],
         "fine-tuning run": [str(tiny_run / "ft")],
     }
-    for kind, args in {**with_decoder, **encoder_only}.items():
+    for kind, args in {**with_decoder, **encoder_only_sources}.items():
         numbers = analyze(tmp_path / kind, *args, *map(str, images))
         check_encoder_numbers(numbers)
         assert numbers["images"] == 4, kind  # the files given
