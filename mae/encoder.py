@@ -64,7 +64,7 @@ def _metadata_from_checkpoint(folder: Path) -> dict[str, Any]:
     known = set(MAEConfig.__dataclass_fields__)
     overrides = {k: v for k, v in config.get("model_overrides", {}).items() if k in known}
     cfg = replace(PRESETS[config["model"]], **overrides)
-    return {"timm_name": cfg.timm_name, "timm_kwargs": cfg.timm_kwargs()}
+    return {"timm_name": cfg.timm_model, "timm_kwargs": cfg.timm_kwargs()}
 
 
 def encoder_state_dict(source: str | Path) -> dict[str, torch.Tensor]:

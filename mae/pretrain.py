@@ -16,6 +16,7 @@ from .encoder import ENCODER_FILE
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
 from .models.mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, preset_config
+from .models.masking import check_sampling, mask_noise
 from .optim import param_groups
 from .visualize import reconstruct, save_reconstructions
 
@@ -30,6 +31,7 @@ class PretrainConfig(RunConfig):
     model: str = "mae_vit_tiny_patch4_32"  # a preset of mae.models
     model_overrides: dict[str, Any] = field(default_factory=dict)  # any MAEConfig field
     mask_ratio: float = 0.75
+    mask_sampling: str = "random"  # "random", "block" (BEiT) or "grid" (one patch per 2 x 2 cell); mae.models.masking
     norm_pix_loss: bool = True
     blr: float = 1.5e-3  # higher than the paper's 1.5e-4 (effective batch 4096) for short small-batch runs
     epochs: int = 4
@@ -43,9 +45,10 @@ class PretrainConfig(RunConfig):
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         try:  # the model settings are checked now, not when the model is built
-            model_config(self)
+            model = model_config(self)
         except (TypeError, ValueError) as err:
             raise ValueError(f"model_overrides: {err}") from err
+        check_sampling(self.mask_sampling, model.grid_size, self.mask_ratio)
 
 
 def model_config(cfg: PretrainConfig) -> MAEConfig:
@@ -60,7 +63,7 @@ def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict
     """The encoder alone in timm names, with what timm needs to rebuild it in the metadata.
     ``state_dict``: the complete weights when the module's own are sharded (ZeRO-3)."""
     c = model.cfg
-    meta = {"timm_name": c.timm_name, "timm_kwargs": json.dumps(c.timm_kwargs()), "format": "pt"}
+    meta = {"timm_name": c.timm_model, "timm_kwargs": json.dumps(c.timm_kwargs()), "format": "pt"}
     sd = model.encoder_state_dict() if state_dict is None else encoder_only(state_dict)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
@@ -76,15 +79,21 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: PretrainConfig, accelerator: Any, val: ShardLoader | None) -> None:
         self.cfg, self.acc, self.val = cfg, accelerator, val
+        self._grid = model_config(cfg).grid_size
         self._vis: torch.Tensor | None = None
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        loss, _, _ = model(batch["image"])
+        images = batch["image"]
+        noise = None  # random sampling: the model draws its own noise
+        if self.cfg.mask_sampling != "random":
+            noise = mask_noise(self.cfg.mask_sampling, images.shape[0], self._grid, self.cfg.mask_ratio, device=images.device)
+        loss, _, _ = model(images, noise=noise)
         return loss
 
-    def _noise(self, n: int, num_patches: int, index: int) -> torch.Tensor:
+    def _noise(self, n: int, index: int) -> torch.Tensor:
+        """The fixed masks of evaluation batch ``index`` (-1: the pictures), by the run's sampling."""
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + index)
-        return torch.rand(n, num_patches, generator=g).to(self.acc.device)
+        return mask_noise(self.cfg.mask_sampling, n, self._grid, self.cfg.mask_ratio, generator=g).to(self.acc.device)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
@@ -100,7 +109,7 @@ class PretrainTask(Task):
             if self._vis is None and real:
                 self._vis = images[: self.cfg.num_vis].clone()
             with self.acc.autocast():
-                loss, _, _ = net(images, noise=self._noise(images.shape[0], net.cfg.num_patches, i))
+                loss, _, _ = net(images, noise=self._noise(images.shape[0], i))
             if real:
                 total += loss.item() * images.shape[0]
                 count += images.shape[0]
@@ -109,7 +118,7 @@ class PretrainTask(Task):
         # every rank reconstructs (collective forwards under ZeRO-3); the main process draws
         vis = self._vis if self._vis is not None else torch.zeros(1, 3, size, size, device=self.acc.device)
         with self.acc.autocast():
-            pictures = reconstruct(net, vis, self._noise(vis.shape[0], net.cfg.num_patches, -1))
+            pictures = reconstruct(net, vis, self._noise(vis.shape[0], -1))
         if self.acc.is_main_process and self._vis is not None:
             save_reconstructions(pictures, Path(self.cfg.output_dir) / "reconstructions" / f"epoch-{epoch:04d}.png")
         net.train()

@@ -121,7 +121,7 @@ def test_fixed_position_embeddings_are_not_trained(model):
 
 
 def test_model_config_rejects_bad_choices():
-    for bad in (dict(mixer="conv"), dict(pos_embed="rope"), dict(global_pool="max"), dict(patch_size=5), dict(mask_ratio=1.0)):
+    for bad in (dict(mixer="conv"), dict(decoder_mixer="conv"), dict(pos_embed="rope"), dict(global_pool="max"), dict(patch_size=5), dict(mask_ratio=1.0)):
         with pytest.raises(ValueError):
             MAEConfig(**{**SMALL, **bad})
     with pytest.raises(ValueError, match="unknown model setting"):
@@ -221,3 +221,137 @@ def test_masked_encoder_embeds_like_timm_patch_conv(model):
     assert torch.allclose(latent, model.forward_features(imgs), atol=1e-5)
     with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
         model.forward_encoder(torch.randn(2, 3, 48, 48), 0.75)
+
+
+# ------------------------------------------------------------ feed-forward mixer, position tables
+
+
+@pytest.mark.parametrize("mixer", ["attention", "feedforward"])
+def test_hidden_patches_never_reach_the_encoder(mixer):
+    """Changing the pixels of the masked patches leaves the encoder's output unchanged."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(MAEConfig(**SMALL, mixer=mixer)).eval()
+    imgs = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)
+    latent, mask, _ = mae.forward_encoder(imgs, 0.75, noise)
+    pixel_mask = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 48))  # 1 on hidden pixels
+    changed = imgs + pixel_mask * torch.randn_like(imgs) * 10
+    assert not torch.equal(changed, imgs)
+    assert torch.equal(mae.forward_encoder(changed, 0.75, noise)[0], latent)
+    visible_changed = imgs + (1 - pixel_mask) * 0.1
+    assert not torch.allclose(mae.forward_encoder(visible_changed, 0.75, noise)[0], latent)
+
+
+def test_feedforward_block_is_the_authors_block():
+    """Feature MLP, then LayerNorm over tokens and an MLP across tokens (tokens -> 4 x tokens
+    -> tokens, GELU), each residual: a hand-written version of Melas-Kyriazi's block."""
+    from mae.models.mae_vit import FeedForwardBlock
+
+    torch.manual_seed(0)
+    blk = FeedForwardBlock(dim=8, num_tokens=5, mlp_ratio=4.0)
+    pm = blk.patch_mlp
+    assert (pm.fc1.in_features, pm.fc1.out_features, pm.norm.normalized_shape) == (5, 20, (5,))
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 5, 8)
+    f = torch.nn.functional
+    y = x + blk.mlp.fc2(f.gelu(blk.mlp.fc1(f.layer_norm(x, (8,), blk.norm1.weight, blk.norm1.bias, 1e-6))))
+    t = f.layer_norm(y.transpose(1, 2), (5,), pm.norm.weight, pm.norm.bias, 1e-6)  # [B, D, N]: over tokens
+    want = y + (f.gelu(t @ pm.fc1.weight.T + pm.fc1.bias) @ pm.fc2.weight.T + pm.fc2.bias).transpose(1, 2)
+    assert torch.allclose(blk(x), want, atol=1e-5)
+
+
+def test_patch_mlp_on_visible_tokens_uses_their_weights_scaled_as_inverted_dropout():
+    """On a subset, the patch MLP equals the layer cut down to those tokens (norm, fc1 columns,
+    fc2 rows), with the patch columns of fc1 scaled by patches / visible patches; with every
+    token in order it equals the plain layer."""
+    from mae.models.mae_vit import PatchMlp
+
+    torch.manual_seed(0)
+    pm = PatchMlp(num_tokens=9)  # cls + 8 patches
+    for p in pm.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 3, 6)
+    ids = torch.tensor([[0, 5, 2], [0, 1, 8]])
+    got = pm(x, ids)
+    for n in range(2):
+        sub = PatchMlp(num_tokens=3, hidden_ratio=12.0)  # the full layer's 36 hidden units
+        keep = ids[n]
+        scale = torch.tensor([1.0, 8 / 2, 8 / 2])
+        with torch.no_grad():
+            sub.norm.weight.copy_(pm.norm.weight[keep]), sub.norm.bias.copy_(pm.norm.bias[keep])
+            sub.fc1.weight.copy_(pm.fc1.weight[:, keep] * scale), sub.fc1.bias.copy_(pm.fc1.bias)
+            sub.fc2.weight.copy_(pm.fc2.weight[keep]), sub.fc2.bias.copy_(pm.fc2.bias[keep])
+        assert torch.allclose(got[n], sub(x[n : n + 1])[0], atol=1e-5)
+    full = torch.randn(2, 9, 6)
+    assert torch.allclose(pm(full, torch.arange(9).expand(2, 9)), pm(full), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "mae_vit_tiny_patch16", "mae_vit_small_patch16"])
+def test_feedforward_encoder_loads_strictly_into_the_registered_timm_model(name):
+    """mixer=feedforward exports under vit_ff_* names; strict load, same features, same pooled output."""
+    torch.manual_seed(0)
+    mae = create_model(name, mixer="feedforward", depth=2).eval()
+    c = mae.cfg
+    assert c.timm_model == c.timm_name.replace("vit_", "vit_ff_")
+    vit = timm.create_model(c.timm_model, pretrained=False, num_classes=0, **c.timm_kwargs()).eval()
+    vit.load_state_dict(mae.encoder_state_dict(), strict=True)
+    x = torch.randn(2, 3, c.img_size, c.img_size)
+    with torch.no_grad():
+        ours = mae.forward_features(x)
+        assert torch.allclose(ours, vit.forward_features(x), atol=1e-5)
+        assert torch.allclose(mae.pool(ours), vit(x), atol=1e-5)
+        in_order = torch.arange(c.num_patches, dtype=torch.float).expand(2, -1)  # nothing hidden, order kept
+        assert torch.allclose(mae.forward_encoder(x, 0.0, in_order)[0], ours, atol=1e-5)
+
+
+def test_registered_feedforward_models_match_the_report_and_train_at_cifar_size():
+    """FF-tiny 7.7M and FF-base 62M parameters (Melas-Kyriazi 2021, Table 1); other sizes via img_size/patch_size."""
+    counts = {}
+    for name in ("vit_ff_tiny_patch16_224", "vit_ff_base_patch16_224"):
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in timm.create_model(name).parameters()) / 1e6
+    assert counts["vit_ff_tiny_patch16_224"] == pytest.approx(7.7, abs=0.05)
+    assert counts["vit_ff_base_patch16_224"] == pytest.approx(62.0, abs=0.1)
+    small = timm.create_model("vit_ff_small_patch16_224", img_size=32, patch_size=4, num_classes=10, depth=2)
+    assert small.blocks[0].patch_mlp.fc1.weight.shape == (4 * 65, 65)
+    small(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert small.blocks[0].patch_mlp.fc1.weight.grad is not None
+    with pytest.raises(ValueError, match="no feed-forward timm model"):
+        create_model("mae_vit_large_patch16", mixer="feedforward")
+
+
+def test_sincos1d_table_follows_the_patch_index():
+    """The Transformer's table over the patch index: sin(i w_k) then cos(i w_k), cls zeros."""
+    from mae.models.pos_embed import sincos_1d_table
+
+    D, L = 8, 6
+    table = sincos_1d_table(D, L)
+    assert table.shape == (L + 1, D) and torch.all(table[0] == 0)
+    for i in range(L):
+        for k in range(D // 2):
+            w = 1 / 10000 ** (k / (D / 2))
+            assert math.isclose(table[1 + i, k], math.sin(i * w), abs_tol=1e-6)
+            assert math.isclose(table[1 + i, D // 2 + k], math.cos(i * w), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sincos", "sincos1d", "learned", "none"])
+@pytest.mark.parametrize("mixer", ["attention", "feedforward"])
+def test_every_position_table_exports_and_loads_into_timm(kind, mixer):
+    """Fixed tables stay fixed, ``none`` is zeros; each loads strictly into timm with equal features."""
+    from mae.models.pos_embed import sincos_1d_table
+
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny_patch4_32", pos_embed=kind, mixer=mixer, depth=1)
+    expected = {"sincos": sincos_2d(192, 8, 8), "sincos1d": sincos_1d_table(192, 64), "none": torch.zeros(65, 192)}
+    if kind in expected:
+        assert torch.equal(mae.pos_embed[0], expected[kind])
+    mae(torch.randn(2, 3, 32, 32))[0].backward()
+    assert (mae.pos_embed.grad is not None) == (kind == "learned")
+    assert torch.equal(mae.decoder_pos_embed[0], sincos_2d(128, 8, 8)) == (kind != "learned")
+    c = mae.eval().cfg
+    vit = timm.create_model(c.timm_model, pretrained=False, num_classes=0, **c.timm_kwargs()).eval()
+    vit.load_state_dict(mae.encoder_state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(mae.forward_features(x), vit.forward_features(x), atol=1e-5)

@@ -6,6 +6,41 @@ Reads top to bottom: config, building blocks, the model in the order its forward
 named presets. Parameter names follow timm's ``VisionTransformer`` for the encoder and
 the official MAE release for the decoder, so encoder weights load into timm with
 ``strict=True`` and released MAE checkpoints load into this model.
+
+Token mixers (``MAEConfig.mixer``, the ``MIXERS`` table): ``attention`` is the ViT block;
+``feedforward`` is the block of Melas-Kyriazi 2021 ("Do You Even Need Attention?"), in
+the author's order: a feature MLP, then a patch MLP across tokens. Its weights, per
+block ``blocks[i]`` (a ``FeedForwardBlock``):
+
+- ``norm1`` (LayerNorm over features) and ``mlp`` (``fc1``, ``fc2``: D -> 4D -> D), as in ViT;
+- ``patch_mlp`` (a ``PatchMlp``): ``norm`` is a LayerNorm over the token axis (weight [T]),
+  ``fc1.weight`` [4T, T] and ``fc2.weight`` [T, 4T] mix tokens, with T = 1 + L tokens in
+  the encoder's order: index 0 the class token, index 1 + r * g + c the patch at row r,
+  column c of the g x g grid. Column j of ``fc1.weight`` is how token j feeds the hidden
+  units, row i of ``fc2.weight`` how the hidden units feed token i; the token-to-token map
+  of a block is their composition through the GELU.
+
+MAE pretraining of the feed-forward encoder (design (b) of SEEDS.md): the encoder runs on
+the class token and the visible patches only, and each patch MLP uses the rows and
+columns of its weights at those tokens' positions (``PatchMlp.forward`` with
+``token_ids``). Why this and not the others:
+
+- it keeps MAE's point, an encoder that never sees the hidden patches and does a quarter
+  of the work (MAE Table 2: with mask tokens in the encoder, 2.8x the time and a worse
+  fine-tune). (a), mask tokens on the full sequence, gives that up, and (c), a fixed
+  lattice, works for one sampling at one ratio only, while (b) serves every sampling and
+  ratio (and the grid one too);
+- the weights keep the full sequence's shape, so the exported encoder is exactly the
+  supervised ``vit_ff_*`` timm model's and loads strictly for the probe and fine-tuning.
+
+The price is a train/test gap, which two choices keep small: the LayerNorm over tokens
+normalises over the visible tokens (the same per-channel statistics, estimated from a
+quarter of them), and the patch tokens' columns of ``fc1`` are scaled by
+L / visible, as inverted dropout scales the units it keeps, so a hidden unit's expected
+input over random masks equals its input on the full sequence that the probe and
+fine-tuning give it. With nothing hidden the scale is 1 and the path equals the plain one.
+The decoder keeps attention (``decoder_mixer``) unless asked: it is discarded after
+pretraining, and the question is the encoder's.
 """
 
 from __future__ import annotations
@@ -18,7 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from .pos_embed import resize_pos_embed, sincos_2d
+from .masking import num_kept
+from .pos_embed import resize_pos_embed, sincos_1d_table, sincos_2d
 
 # ---------------------------------------------------------------------------- config
 
@@ -35,8 +71,13 @@ class MAEConfig:
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
-    mixer: str = "attention"  # token mixer of every block; see MIXERS
-    pos_embed: str = "sincos"  # "sincos" (fixed, as the paper) or "learned"
+    mixer: str = "attention"  # token mixer of every encoder block; see MIXERS
+    decoder_mixer: str = "attention"  # token mixer of every decoder block
+    # encoder position table: "sincos" (fixed 2-D, as the paper), "sincos1d" (fixed, over the
+    # patch index, as the Transformer), "learned", or "none" (zeros, not trained). The
+    # decoder's table is learned when the encoder's is, else the fixed 2-D one: without
+    # positions the decoder could not tell its mask tokens apart.
+    pos_embed: str = "sincos"
     global_pool: str = "token"  # pooled feature: "token" (cls) or "avg" (mean of patches)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # target = each patch normalised by its own mean and variance
@@ -46,10 +87,14 @@ class MAEConfig:
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {self.mixer!r}")
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
+        for key in ("mixer", "decoder_mixer"):
+            if getattr(self, key) not in MIXERS:
+                raise ValueError(f"{key} must be one of {sorted(MIXERS)}, got {getattr(self, key)!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {self.pos_embed!r}")
+        if self.mixer == "feedforward" and not self.timm_model.startswith("vit_ff_"):
+            raise ValueError(f"mixer=feedforward: no feed-forward timm model for {self.timm_name}; "
+                             "use a tiny, small or base preset")
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -66,12 +111,24 @@ class MAEConfig:
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def timm_model(self) -> str:
+        """The timm name of the encoder: ``timm_name``, or its ``vit_ff_`` twin for the
+        feed-forward mixer (registered by ``mae.models.vit_ff``)."""
+        if self.mixer == "feedforward":
+            return FF_TIMM_NAMES.get(self.timm_name, self.timm_name)
+        return self.timm_name
+
     def timm_kwargs(self) -> dict[str, Any]:
-        """Arguments that make ``timm.create_model(self.timm_name, **kwargs)`` match the encoder."""
+        """Arguments that make ``timm.create_model(self.timm_model, **kwargs)`` match the encoder."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
                     embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                     mlp_ratio=self.mlp_ratio, global_pool=self.global_pool)
 
+
+POS_EMBEDS = ("sincos", "sincos1d", "learned", "none")
+# timm names of the feed-forward encoders, by the attention model of the same size
+FF_TIMM_NAMES = {f"vit_{size}_patch16_224": f"vit_ff_{size}_patch16_224" for size in ("tiny", "small", "base")}
 
 # --------------------------------------------------------------------- building blocks
 
@@ -118,25 +175,81 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-# Token mixers by name. A new mixer (such as the feed-forward-across-patches layer of
-# Melas-Kyriazi 2021) registers here and becomes a value of MAEConfig.mixer.
-MIXERS: dict[str, Callable[[int, int], nn.Module]] = {"attention": Attention}
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; the token mixer keeps timm's name ``attn``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mixer: str = "attention", drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = MIXERS[mixer](dim, num_heads)
+        self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, T, D]; attention needs no positions, so ``token_ids`` goes unused."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMlp(nn.Module):
+    """The feed-forward layer across tokens (Melas-Kyriazi 2021): per feature channel, a
+    LayerNorm over the token axis, then tokens -> 4 x tokens -> tokens with GELU.
+
+    ``token_ids`` [N, K] (positions in the full sequence of ``num_tokens``) runs it on a
+    subset: the norm's, ``fc1``'s columns and ``fc2``'s rows at those positions, the patch
+    columns of ``fc1`` scaled by patches / visible patches (inverted dropout; the model
+    docstring says why). Index 0 is the class token and always present.
+    """
+
+    def __init__(self, num_tokens: int, hidden_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(num_tokens * hidden_ratio)
+        self.norm = nn.LayerNorm(num_tokens, eps=1e-6)
+        self.fc1 = nn.Linear(num_tokens, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, num_tokens)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K, D] -> [N, K, D]; K = num_tokens unless ``token_ids`` names the K tokens."""
+        x = x.transpose(1, 2)  # [N, D, K]: the token axis last, where norm and linears act
+        if token_ids is None:
+            return self.fc2(self.act(self.fc1(self.norm(x)))).transpose(1, 2)
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.norm.eps)
+        x = x * self.norm.weight[token_ids].unsqueeze(1) + self.norm.bias[token_ids].unsqueeze(1)
+        patches = self.norm.normalized_shape[0] - 1
+        scale = torch.where(token_ids == 0, 1.0, patches / (token_ids.shape[1] - 1))  # [N, K]
+        w1 = self.fc1.weight.t()[token_ids] * scale.unsqueeze(-1).to(x.dtype)  # [N, K, hidden]
+        h = self.act(torch.bmm(x, w1) + self.fc1.bias)  # [N, D, hidden]
+        x = torch.bmm(h, self.fc2.weight[token_ids].transpose(1, 2)) + self.fc2.bias[token_ids].unsqueeze(1)
+        return x.transpose(1, 2)
+
+
+class FeedForwardBlock(nn.Module):
+    """Attention replaced by a patch MLP (Melas-Kyriazi 2021), pre-norm and residual, in the
+    author's order: feature MLP, then patch MLP. ``mlp`` keeps timm's names."""
+
+    def __init__(self, dim: int, num_tokens: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.patch_mlp = PatchMlp(num_tokens, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, T, D]: all ``num_tokens`` tokens, or the ones ``token_ids`` [N, T] names."""
+        x = x + self.drop_path(self.mlp(self.norm1(x)))
+        return x + self.drop_path(self.patch_mlp(x, token_ids))
+
+
+# Blocks by token mixer (MAEConfig.mixer, decoder_mixer), built from
+# (dim, num_heads, num_tokens, mlp_ratio, drop_path); each takes what it needs.
+MIXERS: dict[str, Callable[[int, int, int, float, float], nn.Module]] = {
+    "attention": lambda dim, heads, tokens, ratio, dp: Block(dim, heads, ratio, dp),
+    "feedforward": lambda dim, heads, tokens, ratio, dp: FeedForwardBlock(dim, tokens, ratio, dp),
+}
 
 
 # ------------------------------------------------------------------------------- model
@@ -147,14 +260,14 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, Dd, L = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_patches
-        learned = cfg.pos_embed == "learned"
+        learned = cfg.pos_embed == "learned"  # the decoder's table follows: learned or fixed
 
         # encoder, named as timm's VisionTransformer
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, D), requires_grad=learned)
         dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.mixer, dpr[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(MIXERS[cfg.mixer](D, cfg.num_heads, L + 1, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
 
         # decoder, named as the official MAE release; narrower and shallower than the encoder
@@ -162,7 +275,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, Dd), requires_grad=learned)
         self.decoder_blocks = nn.ModuleList(
-            Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.mixer) for _ in range(cfg.decoder_depth)
+            MIXERS[cfg.decoder_mixer](Dd, cfg.decoder_num_heads, L + 1, cfg.mlp_ratio, 0.0) for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
@@ -171,12 +284,15 @@ class MaskedAutoencoderViT(nn.Module):
     def initialize_weights(self) -> None:
         """As the official release: sin-cos tables, xavier-uniform linears, normal(0.02) tokens."""
         cfg = self.cfg
-        if cfg.pos_embed == "sincos":
-            self.pos_embed.data.copy_(sincos_2d(cfg.embed_dim, cfg.grid_size, cfg.grid_size)[None])
-            self.decoder_pos_embed.data.copy_(sincos_2d(cfg.decoder_embed_dim, cfg.grid_size, cfg.grid_size)[None])
-        else:
+        g = cfg.grid_size
+        if cfg.pos_embed == "learned":
             trunc_normal_(self.pos_embed, std=0.02)
             trunc_normal_(self.decoder_pos_embed, std=0.02)
+        else:
+            tables = {"sincos": lambda: sincos_2d(cfg.embed_dim, g, g), "none": lambda: torch.zeros(1 + g * g, cfg.embed_dim),
+                      "sincos1d": lambda: sincos_1d_table(cfg.embed_dim, g * g)}  # fmt: skip
+            self.pos_embed.data.copy_(tables[cfg.pos_embed]()[None])
+            self.decoder_pos_embed.data.copy_(sincos_2d(cfg.decoder_embed_dim, g, g)[None])
         # the patch projection is a linear layer applied per patch: initialise it as one
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -224,27 +340,34 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- masking
 
+    def masking_ids(
+        self, batch: int, mask_ratio: float, noise: torch.Tensor | None = None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which patches each sample keeps: the ``len_keep`` of smallest noise.
+
+        Sorting uniform noise gives every sample its own random permutation; other
+        samplings (``mae.models.masking``) shape the noise. Returns ids_keep [N, len_keep]
+        (patch indices in the order the encoder sees them), the mask [N, L] (0 keep,
+        1 remove, in the original patch order) and ids_restore [N, L] that undoes the shuffle.
+        """
+        L = self.cfg.num_patches
+        len_keep = num_kept(L, mask_ratio)
+        if noise is None:
+            noise = torch.rand(batch, L, device=device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(batch, L, device=noise.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return ids_shuffle[:, :len_keep], mask, ids_restore
+
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random ``(1 - mask_ratio)`` of each sample's patches.
-
-        x: [N, L, D]. Sorting uniform noise gives every sample its own random
-        permutation; the first ``len_keep`` positions are kept.
-        Returns the kept tokens [N, len_keep, D], the mask [N, L] (0 keep, 1 remove,
-        in the original patch order) and ids_restore [N, L] that undoes the shuffle.
-        """
-        N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(N, L, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(N, L, device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
+        """Keep ``(1 - mask_ratio)`` of each sample's tokens x [N, L, D]: the kept tokens
+        [N, len_keep, D], the mask [N, L] and ids_restore [N, L] (see ``masking_ids``)."""
+        ids_keep, mask, ids_restore = self.masking_ids(x.shape[0], mask_ratio, noise, x.device)
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return x_kept, mask, ids_restore
 
     # -- encoder
@@ -256,14 +379,17 @@ class MaskedAutoencoderViT(nn.Module):
         # Mask first, embed after: the patch projection acts on each patch alone, so only the
         # visible quarter needs it (the same result as timm's conv over every patch, for less).
         N = imgs.shape[0]
+        ids_keep, mask, ids_restore = self.masking_ids(N, mask_ratio, noise, imgs.device)
         tokens = torch.cat([self.patch_pixels(imgs), self.pos_embed[:, 1:].expand(N, -1, -1)], dim=-1)
-        tokens, mask, ids_restore = self.random_masking(tokens, mask_ratio, noise)
+        tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         pixels, pos = tokens.split([tokens.shape[-1] - self.cfg.embed_dim, self.cfg.embed_dim], dim=-1)
         x = self.patch_embed(pixels) + pos  # [N, len_keep, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(N, -1, -1)
         x = torch.cat([cls, x], dim=1)
+        # each token's place in the full sequence (cls 0, patch i at 1 + i), for the patch MLP
+        token_ids = torch.cat([ids_keep.new_zeros(N, 1), ids_keep + 1], dim=1)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, token_ids)
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:

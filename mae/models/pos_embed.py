@@ -1,4 +1,4 @@
-"""Position embeddings: the fixed 2-D sine-cosine table and resizing to another patch grid."""
+"""Position embeddings: the fixed 1-D and 2-D sine-cosine tables and resizing to another patch grid."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
+    return table.float()
+
+
+def sincos_1d_table(dim: int, num_patches: int, cls_token: bool = True) -> torch.Tensor:
+    """[num_patches (+1), dim]: the original Transformer's table over the patch index
+    (row-major, so it knows neither rows nor columns); the cls token gets zeros."""
+    table = sincos_1d(dim, torch.arange(num_patches))
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
     return table.float()
