@@ -39,9 +39,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import jacrev, vmap
 
 from .data.transforms import denormalize
 from .models.mae_vit import MaskedAutoencoderViT
+from .models.masking import SAMPLINGS as MASK_SAMPLINGS
+from .models.masking import check_sampling, mask_noise
 from .sources import Source, load_source, read_images
 from .visualize import (plot_mean_distance, reconstruct, save_class_token_maps, save_filter_components,
                         save_position_similarity, save_reconstruction_grid)  # fmt: skip
@@ -87,17 +90,15 @@ def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def mixing_weights(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """[B, N, N] normalised absolute Jacobian of a token mixer that mixes each channel on its
-    own (the feed-forward encoder's patch MLP): W[b, i, j] = mean_c |d y[b, i, c] / d x[b, j, c]|,
-    rows divided by their sum. One batched backward pass per output token."""
-    x = x.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        y = mixer(x)
-        B, N, D = y.shape
-        # grad_outputs[i]: ones at output token i in every channel; as channels do not mix,
-        # the gradient at x[b, j, c] is then exactly d y[b, i, c] / d x[b, j, c].
-        basis = torch.eye(N, device=y.device, dtype=y.dtype)[:, None, :, None].expand(N, B, N, D)
-        (jac,) = torch.autograd.grad(y, x, grad_outputs=basis, is_grads_batched=True)  # [N(i), B, N(j), D]
-    w = jac.abs().mean(-1).permute(1, 0, 2)  # [B, i, j]
+    own (the feed-forward encoder's patch MLP) on its input x [B, N, D]:
+    W[b, i, j] = mean_c |d y[b, i, c] / d x[b, j, c]|, each row divided by its sum."""
+    B, N, D = x.shape
+
+    def one_channel(v: torch.Tensor) -> torch.Tensor:  # [N] -> [N]: the mixer on one channel
+        return mixer(v[None, :, None])[0, :, 0]
+
+    jac = vmap(jacrev(one_channel))(x.detach().float().transpose(1, 2).reshape(B * D, N))  # [B*D, N(i), N(j)]
+    w = jac.abs().reshape(B, D, N, N).mean(1)
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -193,7 +194,7 @@ def token_mixing(encoder: nn.Module, images: torch.Tensor, *, batch_size: int = 
     out = TokenMixing(kind, [[] for _ in encoder.blocks], [[] for _ in encoder.blocks])
     device = encoder.pos_embed.device
     if kind == FEEDFORWARD:
-        batch_size = max(1, batch_size // 8)  # the Jacobian holds N x N x D values per image
+        batch_size = max(1, batch_size // 4)  # the Jacobian holds N x N x D values per image
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device)
         with mixer_inputs(encoder) as inputs:
@@ -216,7 +217,6 @@ def token_mixing(encoder: nn.Module, images: torch.Tensor, *, batch_size: int = 
 DISTANCE = {ATTENTION: "attention-distance", FEEDFORWARD: "mixing-distance"}
 MAPS = {ATTENTION: "attention-maps", FEEDFORWARD: "mixing-maps"}
 ANALYSES = (*DISTANCE.values(), *MAPS.values(), "position", "filters", "reconstructions")
-MASK_SAMPLINGS = ("random",)  # which patches a reconstruction hides
 NEEDS_IMAGES = (*DISTANCE.values(), *MAPS.values(), "reconstructions")
 
 
@@ -231,9 +231,10 @@ def choose_analyses(source: Source, only: list[str] | None) -> list[str]:
         if name == "reconstructions":
             source.require_decoder()
         elif name not in fitting:
-            other = ATTENTION if kind == FEEDFORWARD else "a feed-forward layer across patches"
-            raise AnalysisError(f"{name}: the encoder of {source.description} mixes tokens with {kind} "
-                                f"layers, not {other}; ask for {DISTANCE[kind]} or {MAPS[kind]}")  # fmt: skip
+            words = {ATTENTION: "attention", FEEDFORWARD: "a feed-forward layer across patches"}
+            other = FEEDFORWARD if kind == ATTENTION else ATTENTION
+            raise AnalysisError(f"{name}: the encoder of {source.description} mixes tokens with {words[kind]}, "
+                                f"not {words[other]}; ask for {DISTANCE[kind]} or {MAPS[kind]}")  # fmt: skip
     return [name for name in fitting if not only or name in only]
 
 
@@ -300,21 +301,39 @@ def analyze(source: Source, images: torch.Tensor | None, out_dir: str | Path, an
 def reconstruction_columns(mae: MaskedAutoencoderViT, images: torch.Tensor, mask_ratios: tuple[float, ...],
                            samplings: tuple[str, ...] = ("random",), *,
                            seed: int = 0) -> list[tuple[str, dict[str, torch.Tensor]]]:  # fmt: skip
-    """Reconstructions of ``images`` for each mask sampling and ratio, labelled ("75% random").
-    One noise draw serves every ratio, so the patches hidden at a lower ratio stay hidden
-    at a higher one."""
+    """Reconstructions of ``images`` for each mask sampling and each ratio it can give
+    (``mask_columns``), labelled ("75% block"). Every column draws its masks from the same
+    seed, so with random sampling the patches hidden at a lower ratio stay hidden at a higher."""
     device = next(mae.parameters()).device
-    noise = torch.rand(len(images), mae.cfg.num_patches, generator=torch.Generator().manual_seed(seed))
     columns = []
-    for sampling in samplings:
-        for ratio in mask_ratios:
-            pics = reconstruct(mae, images.to(device), noise.to(device), mask_ratio=ratio)
-            columns.append((f"{round(100 * ratio)}% {sampling}", {k: v.cpu() for k, v in pics.items()}))
+    for sampling, ratio in mask_columns(mask_ratios, samplings, mae.cfg.grid_size):
+        g = torch.Generator().manual_seed(seed)
+        noise = mask_noise(sampling, len(images), mae.cfg.grid_size, ratio, generator=g)
+        pics = reconstruct(mae, images.to(device), noise.to(device), mask_ratio=ratio)
+        columns.append((f"{round(100 * ratio)}% {sampling}", {k: v.cpu() for k, v in pics.items()}))
     return columns
 
 
+def mask_columns(ratios: tuple[float, ...], samplings: tuple[str, ...], grid: int) -> list[tuple[str, float]]:
+    """The (sampling, ratio) pairs a sampling can give (grid: 0.75 only), or a one-line
+    refusal for a sampling that can give none of the ratios."""
+    pairs = []
+    for sampling in samplings:
+        fitting, reason = [], ""
+        for ratio in ratios:
+            try:
+                check_sampling(sampling, grid, ratio)
+                fitting.append((sampling, ratio))
+            except ValueError as err:
+                reason = str(err)
+        if not fitting:
+            raise AnalysisError(f"--mask-sampling {sampling}: {reason.removeprefix('mask_sampling=' + sampling + ' ')}")
+        pairs += fitting
+    return pairs
+
+
 def check_masks(ratios: tuple[float, ...] | list[float], samplings: tuple[str, ...] | list[str]) -> None:
-    """Mask ratios and samplings the model can draw, or a one-line refusal."""
+    """Mask ratios and samplings that exist, or a one-line refusal (before any model loads)."""
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
     if bad:
         raise AnalysisError(f"--mask-ratio {bad[0]}: a mask ratio is the fraction hidden, in [0, 1)")

@@ -188,7 +188,7 @@ def _mae_source(cfg: MAEConfig, sd: dict[str, torch.Tensor], where: str) -> Sour
         mae = MaskedAutoencoderViT(cfg)
         _load(mae, sd, where)
         mae.eval()
-    return Source(where, _timm_encoder(cfg.timm_name, cfg.timm_kwargs(), encoder_only(sd), where), mae)
+    return Source(where, _timm_encoder(cfg.timm_model, cfg.timm_kwargs(), encoder_only(sd), where), mae)
 
 
 def _timm_encoder(name: str, kwargs: dict[str, Any], sd: dict[str, torch.Tensor], where: Any) -> nn.Module:
@@ -226,16 +226,22 @@ def _preset_for(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, MAEConfig
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     w = sd["patch_embed.proj.weight"]
     shape = dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=w.shape[-1])
-    read = dict(depth=_depth(sd, "blocks."), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0])
+    read = dict(depth=_depth(sd, "blocks."), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+                mixer=_mixer(sd, "blocks.0."))  # fmt: skip
     if "decoder_embed.weight" in sd:
         shape["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
-        read["decoder_depth"] = _depth(sd, "decoder_blocks.")
+        read.update(decoder_depth=_depth(sd, "decoder_blocks."), decoder_mixer=_mixer(sd, "decoder_blocks.0."))
     for name, preset in PRESETS.items():
         if all(getattr(preset, k) == v for k, v in shape.items()):
             grid = _grid_of(sd["pos_embed"].shape[1]) if "pos_embed" in sd else preset.grid_size
             return name, replace(preset, **read, img_size=grid * preset.patch_size, norm_pix_loss=False)
     raise SourceError(f"{path}: no preset has its shapes ({', '.join(f'{k} {v}' for k, v in shape.items())}); "
                       "give a timm model name with --weights (encoder analyses only)")  # fmt: skip
+
+
+def _mixer(sd: dict[str, torch.Tensor], block: str) -> str:
+    """The token mixer of a block's weights: a patch MLP (the feed-forward encoder) or attention."""
+    return "feedforward" if f"{block}patch_mlp.fc1.weight" in sd else "attention"
 
 
 def _depth(sd: dict[str, torch.Tensor], prefix: str) -> int:

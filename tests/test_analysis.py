@@ -20,7 +20,7 @@ from mae.analysis import (
     attention_probabilities, filter_components, mean_distance, mixing_weights, patch_distances,
     position_similarity, prefix_share,
 )  # fmt: skip
-from mae.models.mae_vit import Attention, encoder_only
+from mae.models.mae_vit import Attention, PatchMlp, encoder_only
 from pipelines import analyze as analyze_cli
 from pipelines import reconstruct as reconstruct_cli
 
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD = "shards/cifar10/test-000000.tar"
 ATTENTION_FILES = {"attention_distance.png", "class_token_attention.png", "position_similarity.png",
                    "patch_embedding_components.png"}  # fmt: skip
+FEEDFORWARD_FILES = {"mixing_distance.png", "class_token_mixing.png", "position_similarity.png",
+                     "patch_embedding_components.png", "reconstructions.png"}  # fmt: skip
 
 
 # -- the computations, on hand-made inputs
@@ -84,6 +86,18 @@ def test_mixing_weights_of_a_linear_token_mixer_are_its_normalised_matrix():
     assert torch.all(mean_distance(identity, patch_distances(2, 4), prefix=1) == 0)
 
 
+def test_mixing_weights_of_the_patch_mlp_are_its_jacobian_channel_by_channel():
+    torch.manual_seed(0)
+    mlp = PatchMlp(5).eval()
+    x = torch.randn(2, 5, 3)
+    w = mixing_weights(mlp, x)
+    for b in range(2):
+        jacobians = [torch.autograd.functional.jacobian(lambda v: mlp(v[None, :, None])[0, :, 0], x[b, :, c])
+                     for c in range(3)]  # fmt: skip
+        expected = torch.stack(jacobians).abs().mean(0)
+        assert torch.allclose(w[b], expected / expected.sum(-1, keepdim=True), atol=1e-6)
+
+
 def test_similarity_grid_of_a_hand_built_table():
     table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]])
     r = 1 / math.sqrt(2)
@@ -112,13 +126,17 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A real pretraining run (2 blocks, a few steps) and a fine-tuning run from it."""
+    """Real pretraining runs (2 blocks, a few steps) of the attention and the feed-forward
+    encoder, and a fine-tuning run from the first."""
     base = tmp_path_factory.mktemp("runs")
     common = [f"data.train={SHARD}", "data.val=", "epochs=1", "batch_size=64", "data.num_workers=1",
               "progress=false"]  # fmt: skip
     proc = run("pipelines.pretrain", f"output_dir={base / 'pt'}", "model_overrides.depth=2", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run("pipelines.finetune", f"output_dir={base / 'ft'}", f"pretrained={base / 'pt'}", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("pipelines.pretrain", f"output_dir={base / 'pt-ff'}", "model_overrides.depth=2",
+               "model_overrides.mixer=feedforward", "mask_sampling=block", *common)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return base
 
@@ -189,6 +207,20 @@ def test_every_other_source_format(tiny_run, tmp_path, images):
         assert set(numbers["files"]) == expected, kind
 
 
+def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, images):
+    numbers = analyze(tmp_path, str(tiny_run / "pt-ff"), "--mask-ratio", "0.5", "0.75")
+    assert set(numbers["files"]) == FEEDFORWARD_FILES and numbers["mixer"] == "feedforward"
+    distance = numbers["mean_mixing_distance"]  # one per block, in pixels, on the attention's scale
+    assert len(distance) == 2 and all(0 < d < 4 * 7 * math.sqrt(2) for d in distance)
+    assert "mean_attention_distance" not in numbers and "class_token_attention" not in numbers
+    assert torch.tensor(numbers["class_token_mixing"]).shape == (3, 8, 8)  # how strongly each patch feeds the cls token
+    # every sampling at the ratios it can give: grid keeps one patch per 2 x 2 cell, 75% only
+    assert set(numbers["reconstruction_loss"]) == {"50% random", "75% random", "50% block", "75% block", "75% grid"}
+    # the encoder file alone is the timm vit_ff model
+    numbers = analyze(tmp_path / "encoder", str(tiny_run / "pt-ff" / "encoder.safetensors"), *map(str, images))
+    assert set(numbers["files"]) == FEEDFORWARD_FILES - {"reconstructions.png"}
+
+
 def test_encoder_only_analyses_need_no_images(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"), "--only", "position", "filters", "--data", "no/such/shards")
     assert set(numbers["files"]) == {"position_similarity.png", "patch_embedding_components.png"}
@@ -225,7 +257,11 @@ def not_weights(tmp_path_factory) -> Path:
         ("pipelines.analyze", ["{pt}/encoder.safetensors", "--only", "reconstructions", "--out", "{tmp}/a"],
          "has no decoder"),
         ("pipelines.analyze", ["{pt}", "--only", "mixing-maps", "--out", "{tmp}/a"],
-         "mixes tokens with attention layers, not a feed-forward layer across patches"),
+         "mixes tokens with attention, not a feed-forward layer across patches"),
+        ("pipelines.analyze", ["{pt}-ff", "--only", "attention-maps", "--out", "{tmp}/a"],
+         "mixes tokens with a feed-forward layer across patches, not attention; ask for mixing-distance"),
+        ("pipelines.reconstruct", ["{pt}", "{img}", "--mask-sampling", "grid", "--mask-ratio", "0.5", "--out", "{tmp}/r.png"],
+         "--mask-sampling grid: keeps one patch per 2 x 2 cell: it needs mask_ratio=0.75"),
         ("pipelines.analyze", ["no/such/run", "--out", "{tmp}/a"], "no/such/run: no such file or folder"),
         ("pipelines.analyze", ["{tmp}", "--out", "{tmp}/a"], "neither config.yaml (a run) nor state.pt"),
         ("pipelines.analyze", ["{bad}", "--out", "{tmp}/a"], "not a weights file torch or safetensors can read"),
