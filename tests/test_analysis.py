@@ -178,7 +178,9 @@ def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"))
     assert set(numbers["files"]) == ATTENTION_FILES | {"reconstructions.png"}
     check_encoder_numbers(numbers)
-    assert set(numbers["reconstruction_loss"]) == {"50% random", "75% random", "90% random"}
+    # every sampling at every default ratio it can give (grid keeps one patch per 2 x 2 cell: 75% only)
+    expected = {f"{ratio}% {sampling}" for ratio in (50, 75, 90) for sampling in ("random", "block")} | {"75% grid"}
+    assert set(numbers["reconstruction_loss"]) == expected
     # the similarity grid is that of the run's own position table, [row][col][row][col]
     table = load_file(str(tiny_run / "pt" / "encoder.safetensors"))["pos_embed"][0, 1:]
     sim = torch.tensor(numbers["position_similarity"], dtype=torch.float64)
@@ -214,7 +216,6 @@ def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, 
     assert len(distance) == 2 and all(0 < d < 4 * 7 * math.sqrt(2) for d in distance)
     assert "mean_attention_distance" not in numbers and "class_token_attention" not in numbers
     assert torch.tensor(numbers["class_token_mixing"]).shape == (3, 8, 8)  # how strongly each patch feeds the cls token
-    # every sampling at the ratios it can give: grid keeps one patch per 2 x 2 cell, 75% only
     assert set(numbers["reconstruction_loss"]) == {"50% random", "75% random", "50% block", "75% block", "75% grid"}
     # the encoder file alone is the timm vit_ff model
     numbers = analyze(tmp_path / "encoder", str(tiny_run / "pt-ff" / "encoder.safetensors"), *map(str, images))
