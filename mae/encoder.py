@@ -101,6 +101,11 @@ def load_encoder(model: nn.Module, source: str | Path) -> Any:
     """Load pretrained encoder weights into a timm ViT; returns the missing/unexpected keys,
     and refuses weights that would leave anything but the head and fc_norm untrained."""
     sd = adapt_to(encoder_state_dict(source), model)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:  # e.g. a feed-forward encoder's patch MLP, tied to its token count, at another img_size
+        raise ConfigError(f"pretrained={source} does not fit the model's shapes: {', '.join(wrong[:4])}; "
+                          "a feed-forward (vit_ff) encoder keeps the img_size and patch_size it was pretrained at")
     result = model.load_state_dict(sd, strict=False)
     fresh = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm.", "head_drop."))]
     if fresh or result.unexpected_keys:

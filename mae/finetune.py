@@ -6,7 +6,7 @@ drop path and optional EMA of the weights."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +18,20 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
-from .config import ConfigError
-from .data.pipeline import make_loaders, shard_classes
+from .data.pipeline import make_loaders
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from .encoder import create_vit
-from .engine import FitResult, RunConfig, Trainer, base_lr
+from .downstream import DownstreamConfig, setup
+from .engine import FitResult, Trainer, base_lr
 from .evaluation import ClassificationTask
 
 
 @dataclass
-class FinetuneConfig(RunConfig):
+class FinetuneConfig(DownstreamConfig):
     """Defaults: the encoder of ``runs/pretrain`` on the shipped labelled sample, minutes on CPU.
     The paper's ViT-B recipe: 100 epochs, 5 warm-up, blr 5e-4, batch 1024, layer decay 0.65,
     drop path 0.1 (Large/Huge: 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.2/0.3)."""
 
     output_dir: str = "runs/finetune"
-    pretrained: str = "runs/pretrain"  # run folder, checkpoint, encoder file, released .pth, or "none"
-    model: str = "auto"  # any timm ViT name (hybrids too); "auto" takes it from the pretrained encoder
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     img_size: int | None = None  # fine-tune at another resolution; position embeddings are interpolated
     global_pool: str = "avg"  # "avg" (with fc_norm, the paper's choice) or "token"
     drop_path: float = 0.1
@@ -56,8 +52,6 @@ class FinetuneConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.ema_decay < 1:
@@ -139,13 +133,7 @@ def train_transform(cfg: FinetuneConfig, img_size: int) -> Any:
 def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
     from accelerate.utils import set_seed
 
-    set_seed(cfg.seed)
-    classes = shard_classes(cfg.data.train)
-    if not classes:
-        raise ConfigError(f"data.train={cfg.data.train}: fine-tuning needs labelled shards (an index with class names)")
-    model = create_vit(cfg.model, cfg.pretrained, num_classes=len(classes), model_kwargs=cfg.model_kwargs,
-                       img_size=cfg.img_size, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)  # fmt: skip
-    size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg.img_size or 224
+    classes, model, size = setup(cfg, "fine-tuning", head=True, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     rank, world = accelerator.process_index, accelerator.num_processes
     train, val = make_loaders(cfg.data, train_transform(cfg, size), eval_transform(size), batch_size=cfg.batch_size,
                               seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +14,21 @@ from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 
-from .config import ConfigError
 from .data.features import FeatureLoader
-from .data.pipeline import ShardLoader, make_loaders, shard_classes
+from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, probe_transform
-from .encoder import create_vit
-from .engine import FitResult, RunConfig, Trainer, base_lr
+from .downstream import DownstreamConfig, setup
+from .engine import FitResult, Trainer, base_lr
 from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify
 
 
 @dataclass
-class LinprobeConfig(RunConfig):
+class LinprobeConfig(DownstreamConfig):
     """Defaults: the encoder of ``runs/pretrain`` on the shipped labelled sample, about a
     minute on CPU (features cached). The paper's recipe (ViT-B, ImageNet: 90 epochs, 10
     warm-up, blr 0.1 at batch 16384, augmented) is ``pipelines/configs/linprobe_vit_base_in1k.yaml``."""
 
     output_dir: str = "runs/linprobe"
-    pretrained: str = "runs/pretrain"  # run folder, checkpoint, encoder file, released .pth, or "none"
-    model: str = "auto"  # timm model name; "auto" takes it from the pretrained encoder
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    global_pool: str = "token"  # features: "token" (cls, the paper's default) or "avg"
     epochs: int = 90
     batch_size: int = 256
     # LARS moves a weight matrix by lr x 0.001 x |w| per step whatever the gradient, so the
@@ -49,8 +44,6 @@ class LinprobeConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.knn_k < 1 or self.knn_temperature <= 0:
             raise ValueError("knn_k must be >= 1 and knn_temperature > 0")
 
@@ -123,16 +116,8 @@ def _rank_min(n: int, accelerator: Any) -> int:
 
 
 def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    classes = shard_classes(cfg.data.train)
-    if not classes:
-        raise ConfigError(f"data.train={cfg.data.train}: the probe needs labelled shards (an index with class names)")
-    encoder = create_vit(cfg.model, cfg.pretrained, num_classes=0, model_kwargs=cfg.model_kwargs,
-                         global_pool=cfg.global_pool)  # fmt: skip
+    classes, encoder, size = setup(cfg, "the probe", head=False)
     probe = LinearProbe(encoder, len(classes)).to(accelerator.device)
-    size = encoder.patch_embed.img_size[0]
     rank, world = accelerator.process_index, accelerator.num_processes
     augment = cfg.augment and not cfg.cached_features
     train_tf = probe_transform(size) if augment else eval_transform(size)

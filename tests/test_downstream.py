@@ -12,6 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from mae.config import ConfigError
 from mae.encoder import create_vit, encoder_state_dict
 from mae.evaluation import knn_classify, topk_correct
 from mae.finetune import optimizer_groups
@@ -215,3 +216,37 @@ def test_finetune_from_scratch_with_a_hybrid_timm_model(tmp_path):
 def test_stage_without_pretrained_weights_says_so(tmp_path):
     proc = stage("linprobe", tmp_path / "lp", f"pretrained={tmp_path}/missing", check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr
+
+
+def test_feedforward_encoder_is_picked_up_by_model_auto(tmp_path):
+    """An exported feed-forward encoder names its vit_ff model: model=auto builds it and loads
+    it strictly (same features); another image size is refused with the reason."""
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny_patch4_32", mixer="feedforward", depth=2).eval()
+    path = save_encoder(mae, tmp_path / "encoder.safetensors")
+    vit = create_vit("auto", str(path), num_classes=0, global_pool="token").eval()
+    assert type(vit.blocks[0]).__name__ == "FeedForwardBlock" and vit.patch_embed.img_size == (32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(vit(x), mae.pool(mae.forward_features(x)), atol=1e-5)
+    with pytest.raises(ConfigError, match="feed-forward"):
+        create_vit("auto", str(path), num_classes=10, img_size=64)
+
+
+@pytest.mark.slow
+def test_feedforward_pretraining_feeds_the_probe_and_fine_tuning(tmp_path):
+    """The user's path for the feed-forward encoder: MAE pretraining (grid masks), then the probe
+    and fine-tuning from that run; and the vit_ff model trained from scratch."""
+    pt = tmp_path / "pt-ff"
+    stage("pretrain", pt, "model_overrides.mixer=feedforward", "model_overrides.depth=2", "mask_sampling=grid",
+          "epochs=1", "batch_size=64")  # fmt: skip
+    assert (pt / "reconstructions" / "epoch-0000.png").exists()
+    stage("linprobe", tmp_path / "lp", f"pretrained={pt}", "epochs=1", "warmup_epochs=0", "global_pool=avg")
+    stage("finetune", tmp_path / "ft", f"pretrained={pt}", "epochs=1")
+    stage("finetune", tmp_path / "scratch", "pretrained=none", "model=vit_ff_tiny_patch16_224", "model_kwargs.img_size=32",
+          "model_kwargs.patch_size=4", "model_kwargs.depth=2", "epochs=1")  # fmt: skip
+    for run in ("lp", "ft", "scratch"):
+        assert json.loads((tmp_path / run / "results.json").read_text())["top1"] >= 0.0
+    for run in ("ft", "scratch"):
+        weights = load_file(str(tmp_path / run / "model.safetensors"))
+        assert weights["blocks.1.patch_mlp.fc1.weight"].shape == (260, 65)

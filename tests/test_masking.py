@@ -130,3 +130,14 @@ def test_reconstruction_pictures_grey_out_exactly_the_sampled_patches(model, sam
     grey = (pictures["masked"] == 0.5).all(1)  # [N, H, W]
     per_patch = grey.view(3, 8, 4, 8, 4).all(4).all(2).flatten(1)
     assert torch.equal(per_patch, noise >= 1)
+
+
+def test_the_pretraining_stage_names_a_bad_sampling_setting():
+    from mae.config import ConfigError, load_config
+    from mae.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError, match="mask_sampling must be one of"):
+        load_config(PretrainConfig, overrides=["mask_sampling=stripes"])
+    with pytest.raises(ConfigError, match="mask_sampling=grid .* mask_ratio=0.75"):
+        load_config(PretrainConfig, overrides=["mask_sampling=grid", "mask_ratio=0.5"])
+    assert load_config(PretrainConfig, overrides=["mask_sampling=block", "mask_ratio=0.9"]).mask_sampling == "block"

@@ -192,38 +192,61 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class TokenNorm(nn.LayerNorm):
+    """LayerNorm over the token axis (the last one of [N, D, K]); on a subset of tokens
+    (``token_ids`` [N, K]) it normalises over those and takes their weights and biases."""
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_ids is None:
+            return super().forward(x)
+        x = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return x * self.weight[token_ids].unsqueeze(1) + self.bias[token_ids].unsqueeze(1)
+
+
+class TokensIn(nn.Linear):
+    """tokens -> hidden; on a subset, the weight's columns at ``token_ids``, the patch
+    columns scaled by patches / visible patches (inverted dropout; index 0 is the class token)."""
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_ids is None:
+            return super().forward(x)
+        scale = torch.where(token_ids == 0, 1.0, (self.in_features - 1) / (token_ids.shape[1] - 1))  # [N, K]
+        w = self.weight.t()[token_ids] * scale.unsqueeze(-1).to(x.dtype)  # [N, K, hidden]
+        return torch.baddbmm(self.bias.to(x.dtype), x, w)  # [N, D, K] @ [N, K, hidden]
+
+
+class TokensOut(nn.Linear):
+    """hidden -> tokens; on a subset, only the outputs (weight rows, biases) at ``token_ids``."""
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_ids is None:
+            return super().forward(x)
+        w = self.weight[token_ids].transpose(1, 2)  # [N, hidden, K]
+        return torch.baddbmm(self.bias[token_ids].unsqueeze(1).to(x.dtype), x, w)  # [N, D, K]
+
+
 class PatchMlp(nn.Module):
     """The feed-forward layer across tokens (Melas-Kyriazi 2021): per feature channel, a
     LayerNorm over the token axis, then tokens -> 4 x tokens -> tokens with GELU.
 
-    ``token_ids`` [N, K] (positions in the full sequence of ``num_tokens``) runs it on a
-    subset: the norm's, ``fc1``'s columns and ``fc2``'s rows at those positions, the patch
-    columns of ``fc1`` scaled by patches / visible patches (inverted dropout; the model
-    docstring says why). Index 0 is the class token and always present.
+    ``token_ids`` [N, K] (positions in the full sequence of ``num_tokens``, 0 the class
+    token) runs it on a subset, with each layer's weights at those positions (the model
+    docstring says why). Each layer does its own product, so DeepSpeed ZeRO-3, which
+    gathers a module's weights when that module is called, sees it.
     """
 
     def __init__(self, num_tokens: int, hidden_ratio: float = 4.0) -> None:
         super().__init__()
         hidden = int(num_tokens * hidden_ratio)
-        self.norm = nn.LayerNorm(num_tokens, eps=1e-6)
-        self.fc1 = nn.Linear(num_tokens, hidden)
+        self.norm = TokenNorm(num_tokens, eps=1e-6)
+        self.fc1 = TokensIn(num_tokens, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, num_tokens)
+        self.fc2 = TokensOut(hidden, num_tokens)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[N, K, D] -> [N, K, D]; K = num_tokens unless ``token_ids`` names the K tokens."""
         x = x.transpose(1, 2)  # [N, D, K]: the token axis last, where norm and linears act
-        if token_ids is None:
-            return self.fc2(self.act(self.fc1(self.norm(x)))).transpose(1, 2)
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, unbiased=False, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.norm.eps)
-        x = x * self.norm.weight[token_ids].unsqueeze(1) + self.norm.bias[token_ids].unsqueeze(1)
-        patches = self.norm.normalized_shape[0] - 1
-        scale = torch.where(token_ids == 0, 1.0, patches / (token_ids.shape[1] - 1))  # [N, K]
-        w1 = self.fc1.weight.t()[token_ids] * scale.unsqueeze(-1).to(x.dtype)  # [N, K, hidden]
-        h = self.act(torch.bmm(x, w1) + self.fc1.bias)  # [N, D, hidden]
-        x = torch.bmm(h, self.fc2.weight[token_ids].transpose(1, 2)) + self.fc2.bias[token_ids].unsqueeze(1)
+        x = self.fc2(self.act(self.fc1(self.norm(x, token_ids), token_ids)), token_ids)
         return x.transpose(1, 2)
 
 
