@@ -153,6 +153,13 @@ def load_config(cls: type[C], config_file: str | Path | None = None, overrides: 
     return _build(cls, values)
 
 
+def config_from_mapping(cls: type[C], data: dict[str, Any], source: str) -> C:
+    """A config from a saved mapping (e.g. the one a checkpoint records), checked as a file is."""
+    values = dataclasses.asdict(cls())
+    _merge(cls, values, data, "", source)
+    return _build(cls, values)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 

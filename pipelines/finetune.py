@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from mae.finetune import FinetuneConfig, finetune
 from pipelines.launch import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(FinetuneConfig, finetune, argv, prog="pipelines.finetune", doc=__doc__)
+    return run_stage("finetune", argv, doc=__doc__)
 
 
 if __name__ == "__main__":

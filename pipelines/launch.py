@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, describe, load_config, save_config
@@ -16,6 +16,7 @@ from mae.data.pipeline import DataError
 from mae.engine import NonFiniteLoss
 from mae.metrics import tracker_names
 from mae.precision import Precision, resolve_precision
+from pipelines.stages import STAGES
 
 
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: "try again later" (sysexits'
@@ -65,7 +66,10 @@ def set_cpu_threads(cfg: Any, accelerator: Any) -> str:
     return f" ({torch.get_num_threads()} threads)"
 
 
-def run_stage(config_cls: type, stage: Callable[[Any, Any], Any], argv: list[str] | None, *, prog: str, doc: str) -> int:
+def run_stage(name: str, argv: list[str] | None, *, doc: str) -> int:
+    """The entry point of the training stage ``name`` of ``pipelines.stages.STAGES``."""
+    entry = STAGES[name]
+    config_cls, stage, prog = entry.config_class(), entry.function(), entry.module
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="keys (key=value, dotted for nested):\n" + "\n".join(describe(config_cls)),

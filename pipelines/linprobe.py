@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from mae.linprobe import LinprobeConfig, linprobe
 from pipelines.launch import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(LinprobeConfig, linprobe, argv, prog="pipelines.linprobe", doc=__doc__)
+    return run_stage("linprobe", argv, doc=__doc__)
 
 
 if __name__ == "__main__":

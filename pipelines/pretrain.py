@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from mae.pretrain import PretrainConfig, pretrain
 from pipelines.launch import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(PretrainConfig, pretrain, argv, prog="pipelines.pretrain", doc=__doc__)
+    return run_stage("pretrain", argv, doc=__doc__)
 
 
 if __name__ == "__main__":

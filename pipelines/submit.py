@@ -4,6 +4,11 @@
         --config pipelines/configs/mae_vit_large_in1k.yaml
     python -m pipelines.submit pretrain ... --dry-run          # print the sbatch script, submit nothing
     python -m pipelines.submit pretrain --nodes 2 -- epochs=800 data.train=...   # stage settings after --
+    python -m pipelines.submit analyze --gpus-per-node 1 -- runs/pt --out runs/pt/analysis   # a tool's arguments
+
+The stages come from one table, ``pipelines/stages.py``, which the entry points read too.
+Training stages run as below; the tools (``analyze``, ``reconstruct``) run once, as one
+process on one node (``srun python -m pipelines.<tool> ARGS``), with no requeue.
 
 It renders a plain sbatch script, keeps it as ``<output-dir>/<job-name>-<timestamp>.sbatch``,
 submits it with ``sbatch --parsable`` and prints the job id; the job's log is
@@ -83,13 +88,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.launch import EXIT_STOPPED
+from pipelines.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {  # stage -> the config class its entry point reads (to check settings before submitting)
-    "pretrain": ("mae.pretrain", "PretrainConfig"),
-    "linprobe": ("mae.linprobe", "LinprobeConfig"),
-    "finetune": ("mae.finetune", "FinetuneConfig"),
-}
 LAUNCH_NODE = "launch-node"
 
 
@@ -131,24 +132,8 @@ class Job:
 
 def render(job: Job) -> str:
     """The sbatch script for ``job`` (what ``--dry-run`` prints and what is submitted)."""
-    output_dir = job.output_dir.resolve()
-    options = [
-        f"--job-name={job.name}",
-        f"--nodes={job.nodes}",
-        "--ntasks-per-node=1",
-        *([f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []),
-        *(f"--{key}={value}" for key, value in (
-            ("cpus-per-task", job.cpus_per_task), ("mem", job.mem), ("time", job.time),
-            ("partition", job.partition), ("account", job.account), ("qos", job.qos),
-            ("constraint", job.constraint),
-        ) if value is not None),  # fmt: skip
-        f"--output={output_dir}/%x-%j.log",
-        "--open-mode=append",
-        "--requeue",
-        *([f"--signal=B:USR1@{job.signal_grace}"] if job.signal_grace > 0 else []),
-        f"--chdir={ROOT}",
-        *job.sbatch_lines,
-    ]
+    if not STAGES[job.stage].training:
+        return render_tool(job)
     world = f"$((SLURM_NNODES * {job.procs_per_node}))"
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--wait=120"]
     if job.cpus_per_task is not None:
@@ -159,14 +144,7 @@ def render(job: Job) -> str:
     stage_args += [*job.overrides, "resume=auto"]
     multi = job.nodes * job.procs_per_node > 1
     lines = [
-        "#!/bin/bash",
-        f"# {job.stage} on {job.nodes} node(s) x {job.procs_per_node} process(es), rendered by",
-        "# `python -m pipelines.submit`; resubmit with `sbatch <this file>`.",
-        *(f"#SBATCH {option}" for option in options),
-        "",
-        f"cd {shlex.quote(str(ROOT))}",
-        *job.setup,
-        "",
+        *header(job, f"{job.stage} on {job.nodes} node(s) x {job.procs_per_node} process(es)"),
         'echo "[submit] job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1))'
         ' on $SLURM_JOB_NODELIST at $(date -Is)"',
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
@@ -205,21 +183,72 @@ def render(job: Job) -> str:
     return "\n".join(lines)
 
 
+def render_tool(job: Job) -> str:
+    """A tool (analysis, reconstruction): one process on one node, run once, not requeued."""
+    srun = ["srun", "--ntasks=1", *([f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else [])]
+    lines = [
+        *header(job, f"{job.stage}: one process on one node"),
+        'echo "[submit] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST at $(date -Is)"',
+        f"exec {shlex.join([*srun, 'python', '-m', STAGES[job.stage].module, *job.overrides])}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def header(job: Job, what: str) -> list[str]:
+    """The script's first lines: what it runs, the #SBATCH options and the set-up. A training
+    stage's job is requeueable and warned before its time limit; a tool's is neither."""
+    training = STAGES[job.stage].training
+    options = [
+        f"--job-name={job.name}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+        *([f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []),
+        *(f"--{key}={value}" for key, value in (
+            ("cpus-per-task", job.cpus_per_task), ("mem", job.mem), ("time", job.time),
+            ("partition", job.partition), ("account", job.account), ("qos", job.qos),
+            ("constraint", job.constraint),
+        ) if value is not None),  # fmt: skip
+        f"--output={job.output_dir.resolve()}/%x-%j.log",
+        "--open-mode=append",
+        *(["--requeue"] if training else []),
+        *([f"--signal=B:USR1@{job.signal_grace}"] if training and job.signal_grace > 0 else []),
+        f"--chdir={ROOT}",
+        *job.sbatch_lines,
+    ]
+    return [
+        "#!/bin/bash",
+        f"# {what}, rendered by",
+        "# `python -m pipelines.submit`; resubmit with `sbatch <this file>`.",
+        *(f"#SBATCH {option}" for option in options),
+        "",
+        f"cd {shlex.quote(str(ROOT))}",
+        *job.setup,
+        "",
+    ]
+
+
 def check_settings(job: Job) -> None:
     """The stage's own config check, run here so that a typo fails now, not after queueing."""
+    stage = STAGES[job.stage]
+    if not stage.training:
+        if job.config is not None:
+            raise SubmitError(f"{job.stage} takes no --config: give its arguments after --")
+        if job.nodes != 1 or job.procs_per_node != 1:
+            raise SubmitError(f"{job.stage} runs as one process on one node: leave --nodes and --processes-per-node out")
+        problem = stage.check_args(job.overrides)
+        if problem:
+            raise SubmitError(problem)
+        return
     for item in job.overrides:
         key, sep, value = item.partition("=")
         if key.strip() == "resume" and value.strip() != "auto":
             raise SubmitError(f"{item!r}: a submitted job always runs with resume=auto (a requeued job "
                               "continues from its latest checkpoint); leave resume out")  # fmt: skip
-    import importlib
-
     from mae.config import ConfigError, load_config
 
-    module, name = STAGES[job.stage]
-    config_cls = getattr(importlib.import_module(module), name)
     try:
-        load_config(config_cls, job.config, job.overrides)
+        load_config(stage.config_class(), job.config, job.overrides)
     except ConfigError as err:
         raise SubmitError(f"config error: {err}") from None
 
@@ -247,12 +276,15 @@ def submit(job: Job, script: str) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.submit", description=__doc__.split("\n\n")[0],
-        usage="%(prog)s {" + ",".join(STAGES) + "} [options] [-- key=value ...]",
-        epilog="Stage settings (key=value, as for the stage itself) go after --.",
+        usage="%(prog)s {" + ",".join(STAGES) + "} [options] [-- key=value ... | -- tool arguments]",
+        epilog="Stage settings (key=value, as for the stage itself) go after --; for the tools (" +
+               ", ".join(s.name for s in STAGES.values() if not s.training) + "), their own arguments. Stages:\n" +
+               "\n".join(f"  {s.name:12s} {s.summary}" for s in STAGES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("stage", choices=list(STAGES), help="the stage to run")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: CPU only); default 8")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (0: CPU only); default 8, or 1 for the tools")
     p.add_argument("--processes-per-node", type=int, help="default: gpus-per-node, or 1 with no GPUs")
     p.add_argument("--cpus-per-task", type=int, help="CPUs per node (the one task of each node)")
     p.add_argument("--mem", help="memory per node, as sbatch takes it (e.g. 400G, 0 for all)")
@@ -304,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     job = Job(
-        stage=args.stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        stage=args.stage, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else 8 if STAGES[args.stage].training else 1,
         processes_per_node=args.processes_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
         time=args.time, partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, job_name=args.job_name, output_dir=args.output_dir,

@@ -125,6 +125,37 @@ def test_cpu_and_single_process_jobs(capsys):
     assert "$((SLURM_NNODES * 8))" in dry_run(capsys, "pretrain")
 
 
+def test_tools_run_once_as_one_process(capsys, tmp_path):
+    """analyze and reconstruct come from the same stage table: one srun of the tool, its own
+    arguments, one GPU by default, no requeue and no time-limit warning."""
+    script = dry_run(capsys, "analyze", "--time", "1:00:00", "--", "runs/pt", "--out", "runs/pt/analysis")
+    options = sbatch_options(script)
+    assert "--nodes=1" in options and "--gpus-per-node=1" in options and "--time=1:00:00" in options
+    assert "--requeue" not in options and not any(o.startswith("--signal") for o in options)
+    assert "exec srun --ntasks=1 python -m pipelines.analyze runs/pt --out runs/pt/analysis" in script
+    assert "resume=auto" not in script and "accelerate" not in script
+    rec = dry_run(capsys, "reconstruct", "--gpus-per-node", "0", "--", "runs/pt", "a.jpg", "--out", "r.png")
+    assert "python -m pipelines.reconstruct runs/pt a.jpg --out r.png" in rec
+    assert "--gpus-per-node" not in "".join(sbatch_options(rec))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "--dry-run", "--", "runs/pt"], "the following arguments are required: --out"),
+        (["analyze", "--dry-run", "--", "runs/pt", "--out", "a", "--only", "attention"], "invalid choice: 'attention'"),
+        (["analyze", "--dry-run", "--nodes", "2", "--", "runs/pt", "--out", "a"], "runs as one process on one node"),
+        (["reconstruct", "--dry-run", "--config", "x.yaml", "--", "runs/pt"], "takes no --config"),
+    ],
+)
+def test_bad_tool_arguments_stop_before_submitting(capsys, tmp_path, argv, message):
+    (tmp_path / "x.yaml").write_text("{}\n")
+    argv = [str(tmp_path / a) if a == "x.yaml" else a for a in argv]
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -258,6 +289,23 @@ def test_usr1_mid_epoch_checkpoints_requeues_and_resumes(slurm, capsys, tmp_path
     assert "start 1" in text[first:].splitlines()[0] and "start 2" in text[second:].splitlines()[0]  # one appended log
     assert f"resumed from {out}/checkpoints/ckpt-{int(stopped.group(1)):08d}" in text[second:]
     assert_trained_to_the_end(out, text)  # steps 1..N exactly once: none lost, none repeated
+
+
+@pytest.mark.slow
+def test_analysis_job_runs_on_the_cluster(slurm, capsys, tmp_path):
+    from mae.models import create_model
+    from mae.pretrain import save_encoder
+
+    encoder = save_encoder(create_model("mae_vit_tiny_patch4_32", depth=2), tmp_path / "encoder.safetensors")
+    logs, out = tmp_path / "slurm", tmp_path / "analysis"
+    code, stdout, err = run_main(capsys, "analyze", "--gpus-per-node", "0", "--partition", PARTITION, "--output-dir",
+                                 str(logs), "--", str(encoder), "--out", str(out), "--only", "position", "filters")  # fmt: skip
+    assert code == 0, err
+    job_id = stdout.strip()
+    log = logs / f"mae-analyze-{job_id}.log"
+    wait_for_end(slurm, job_id, log)
+    assert json.loads((out / "analysis.json").read_text())["files"] == ["position_similarity.png",
+                                                                         "patch_embedding_components.png"]  # fmt: skip
 
 
 # -- the per-node launcher and SIGUSR1, without Slurm: all of a step's processes get the signal
