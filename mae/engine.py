@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError
 from .data.pipeline import DataConfig
+from .data.transforms import to_model_input
 from .metrics import MetricsLogger
 from .optim import lr_at, scaled_lr
 
@@ -74,7 +75,7 @@ class RunConfig:
 class Loader(Protocol):
     """What the loop reads batches from (``ShardLoader``, or cached features)."""
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
 
     def batches_per_epoch(self, epoch: int) -> int: ...
 
@@ -229,7 +230,7 @@ class Trainer:
                 step, stopped, last = self._train_epoch(epoch, step, skip_steps if epoch == start_epoch else 0,
                                                         metrics, stop)  # fmt: skip
                 result.last_metrics.update(last)
-                if stopped:  # mid-epoch: the resumed run re-reads (and skips) this epoch's first steps
+                if stopped:  # mid-epoch: the resumed run's loader skips this epoch's first steps
                     done_before = skip_steps if epoch == start_epoch else 0
                     self._save(step, epoch, done_before + step - first)
                     acc.print(f"stopped by signal {stop.received}: checkpoint at step {step}; resume=auto continues")
@@ -255,7 +256,7 @@ class Trainer:
     ) -> tuple[int, bool, dict[str, Any]]:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
-        self.loader.set_epoch(epoch)
+        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: not even read again
         # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
@@ -268,15 +269,13 @@ class Trainer:
         skipped_by_worker: dict[int, dict[str, int]] = {}
         last: dict[str, Any] = {}
         it = iter(self.loader)
-        for micro in range(budget):
+        for micro in range(skip, budget):
             batch = next(it, None)
             if not self._all(batch is not None):
                 acc.print(f"epoch {epoch} ended early at micro-batch {micro} of {budget}: a rank ran out of data")
                 break
             skipped_by_worker[batch["worker"]] = batch["skipped"]
-            if micro < skip:  # resuming mid-epoch: the same batches, already trained on
-                continue
-            images = batch["image"].to(acc.device, non_blocking=True)
+            images = to_model_input(batch["image"], acc.device)
             batch = dict(batch, image=images, label=batch["label"].to(acc.device, non_blocking=True))
             with acc.accumulate(self.model):
                 with acc.autocast():

@@ -21,12 +21,12 @@ class FeatureLoader:
             raise ValueError(f"{len(features)} features but {len(labels)} labels")
         self.features, self.labels = features, labels
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self._batches = -(-len(features) // batch_size)
         self._even = batches_per_epoch  # the fewest any rank has, when ranks hold different counts
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
 
     def batches_per_epoch(self, epoch: int) -> int:
         return self._batches if self._even is None else self._even
@@ -40,6 +40,6 @@ class FeatureLoader:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(n)
-        for start in range(0, n, self.batch_size):
+        for start in range(self.skip * self.batch_size, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield {"image": self.features[idx], "label": self.labels[idx], "worker": 0, "skipped": {}}
