@@ -12,6 +12,9 @@ loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip
         core of decoding and augmentation; passes alternate between the two.
 build   ``build_shards`` of the (a) photos with 1 and with 2 worker processes, alternating;
         the outputs must be byte-identical.
+scales  why decoding uses the DCT scales 1, 1/2, 1/4, 1/8 only: libjpeg-turbo's decode speed
+        of the (a) photos at each n/8, and how far each scale's pixels are from the full-size
+        decode resized (bicubic, antialiased) to the same size, in mean absolute grey levels.
 stage   ``accelerate launch -m pipelines.pretrain`` with its defaults (shipped CIFAR shards,
         its default loader workers) for 2 epochs: img/s from its metrics, against the bare
         training step (the same model, batch and threads, batches already in memory)
@@ -133,6 +136,30 @@ def build_part(work: Path, rounds: int) -> dict:
     return {"img_s_1": times[1], "img_s_2": times[2], "ratio_of_medians": ratio, "byte_identical": identical}
 
 
+def scales_part(work: Path) -> dict:
+    import numpy as np
+    import simplejpeg
+
+    files = [p.read_bytes() for p in sorted(prepare(work)["a"].iterdir())]
+    files = [d for d in files if simplejpeg.decode_jpeg_header(d)[2] == "YCbCr"]
+    out = {}
+    for n in range(8, 0, -1):
+        start = time.perf_counter()
+        decoded = []
+        for data in files:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            decoded.append(simplejpeg.decode_jpeg(data, min_width=-(-width * n // 8), min_height=-(-height * n // 8)))
+        rate = len(files) / (time.perf_counter() - start)
+        errors = []
+        for data, small in zip(files[:64], decoded[:64]):
+            full = torch.from_numpy(simplejpeg.decode_jpeg(data)).permute(2, 0, 1).unsqueeze(0)
+            ref = torch.nn.functional.interpolate(full, size=small.shape[:2], mode="bicubic", antialias=True)[0]
+            errors.append((ref.permute(1, 2, 0).float() - torch.from_numpy(small).float()).abs().mean().item())
+        out[f"{n}/8"] = {"img_s": rate, "mean_abs_diff": float(np.mean(errors))}
+        print(f"scale {n}/8: {rate:.0f} img/s, {np.mean(errors):.2f} grey levels from the full decode resized", flush=True)
+    return out
+
+
 def bare_step(steps: int) -> float:
     """The default pretraining step (model, batch 64, AdamW, all cores) on batches already in memory."""
     from mae.optim import param_groups
@@ -198,6 +225,8 @@ def main() -> None:
         report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b})
     if "build" in parts:
         report["build"] = build_part(work, args.build_rounds)
+    if "scales" in parts:
+        report["scales"] = scales_part(work)
     if "stage" in parts:
         report["stage"] = stage_part(work, args.stage_epochs, args.bare_steps)
     if args.json:

@@ -256,7 +256,7 @@ class Trainer:
     ) -> tuple[int, bool, dict[str, Any]]:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
-        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: not even read again
+        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: those are not decoded again
         # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
