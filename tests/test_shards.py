@@ -188,11 +188,12 @@ def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[byt
         assert verify_shard(out, ShardEntry(path.name, 5), partial) == []
 
     fifo.unlink()
+    fifo.write_bytes(jpegs[0])  # the file it was waiting for is now there
     finished = {p.name: p.stat().st_mtime_ns for p in shard_files(out)}
     assert main(["build", str(src), str(out), "--no-shuffle", "--samples-per-shard", "5", "--resume"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in shard_files(out)[:3]} == finished  # kept, not rewritten
     assert not list(out.glob("*.tmp")) and not (out / "train-build.json").exists()
-    assert verify_shards(out) == [] and read_index(index_path(out, "train")).total == 30
+    assert verify_shards(out) == [] and read_index(index_path(out, "train")).total == 31
     fresh = tmp_path / "fresh"
     assert main(["build", str(src), str(fresh), "--no-shuffle", "--samples-per-shard", "5"]) == 0
     assert folder_bytes(out) == folder_bytes(fresh)  # the resumed build is the uninterrupted one
