@@ -23,7 +23,7 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ class SampleSeeds:
         self.base = ctx.rng("augment").getrandbits(62)
         self.in_worker = get_worker_info() is not None
 
-    def __call__(self, number: int, fn, *args):
+    def __call__(self, number: int, fn: Callable[..., Any], *args: Any) -> Any:
         seed = (self.base + number * 0x9E3779B97F4A7C15) % 2**62
         saved = None
         if not self.in_worker:  # in the training process: leave its random streams as they were
@@ -441,8 +441,8 @@ class ShardLoader:
 
         The DataLoader takes batches from its workers in turn, passing over a worker once
         it has run out, so the first ``skip_batches`` split over the workers as below.
-        Exact when no sample among the skipped ones is undecodable (those are dropped
-        after the count, which the skip cannot know without decoding them)."""
+        Exact when no sample among the skipped ones is undecodable or image-less (those
+        are dropped after the count, which the skip cannot know without decoding them)."""
         self.ctx.epoch = epoch
         remaining = self.worker_batches(epoch)
         skips = [0] * len(remaining)
