@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError
 from .data.pipeline import DataConfig, DataError
+from .data.transforms import to_model_input
 from .metrics import MetricsLogger
 from .optim import lr_at, scaled_lr
 from .precision import PRECISIONS
@@ -81,7 +82,7 @@ class RunConfig:
 class Loader(Protocol):
     """What the loop reads batches from (``ShardLoader``, or cached features)."""
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
 
     def batches_per_epoch(self, epoch: int) -> int: ...
 
@@ -300,7 +301,7 @@ class Trainer:
                 result.last_metrics.update(last)
                 if last.get("skipped") or last.get("converted"):
                     acc.print(f"epoch {epoch} data: {data_counts(last)}")
-                if stopped:  # mid-epoch: the resumed run re-reads (and skips) this epoch's first steps
+                if stopped:  # mid-epoch: the resumed run's loader skips this epoch's first steps
                     done_before = skip_steps if epoch == start_epoch else 0
                     self._save(step, epoch, done_before + step - first)
                     acc.print(f"stopped by signal {stop.received}: checkpoint at step {step}; resume=auto continues")
@@ -326,7 +327,7 @@ class Trainer:
     ) -> tuple[int, bool, dict[str, Any]]:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
-        self.loader.set_epoch(epoch)
+        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: those are not decoded again
         # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
@@ -370,20 +371,18 @@ class Trainer:
         """Micro-batches ``skip`` to ``budget`` of the epoch, on the device. The loader gives every
         rank the planned number (``ShardLoader`` refills what corrupt samples took), so ranks
         never ask each other whether someone ran out."""
-        it = iter(self.loader)
-        for micro in range(budget):
+        it = iter(self.loader)  # told by set_epoch to start at ``skip``, without decoding what it skips
+        for micro in range(skip, budget):
             batch = next(it, None)
             if batch is None:
                 raise DataError(f"epoch {epoch}: the loader ended after {micro} of the {budget} batches it planned; "
                                 "ranks would fall out of step")  # fmt: skip
             counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
-            if micro < skip:  # resuming mid-epoch: the same batches, already trained on
-                continue
             yield micro, self._to_device(batch)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = self.acc.device
-        return dict(batch, image=batch["image"].to(device, non_blocking=True),
+        return dict(batch, image=to_model_input(batch["image"], device),
                     label=batch["label"].to(device, non_blocking=True))  # fmt: skip
 
     def _forward(self, batch: dict[str, Any], window: "LogWindow") -> torch.Tensor:

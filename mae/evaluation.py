@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.transforms import to_model_input
 from .engine import Task
 
 
@@ -49,7 +50,7 @@ def evaluate_classifier(
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     for batch, real in lockstep(batches, accelerator, pad_shape):
-        x = batch["image"].to(accelerator.device)
+        x = to_model_input(batch["image"], accelerator.device)
         y = batch["label"].to(accelerator.device)
         with accelerator.autocast():
             logits = forward(x).float()
@@ -75,7 +76,7 @@ def extract_features(
     feats, labels = [], []
     for batch, real in lockstep(batches, accelerator, pad_shape):
         with accelerator.autocast():
-            f = features(batch["image"].to(accelerator.device))
+            f = features(to_model_input(batch["image"], accelerator.device))
         if not real:
             continue
         feats.append(f.float().cpu())

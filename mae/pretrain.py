@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from .data.pipeline import ShardLoader, make_loaders
-from .data.transforms import eval_transform, pretrain_transform
+from .data.transforms import eval_transform, pretrain_transform, to_model_input
 from .encoder import ENCODER_FILE
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
@@ -105,7 +105,7 @@ class PretrainTask(Task):
         total, count = 0.0, 0
         self.val.set_epoch(0)
         for i, (batch, real) in enumerate(lockstep(self.val, self.acc, (3, size, size))):
-            images = batch["image"].to(self.acc.device)
+            images = to_model_input(batch["image"], self.acc.device)
             if self._vis is None and real:
                 self._vis = images[: self.cfg.num_vis].clone()
             with self.acc.autocast():

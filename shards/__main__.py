@@ -7,6 +7,7 @@ naming the path, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max-per-class", type=_positive_int, default=None, metavar="N",
                        help="keep the first N decodable images per class after the shuffle")
     build.add_argument("--source", default=None, help="where the images came from, stored in the index")
+    build.add_argument("--workers", type=_positive_int, default=_cores(), metavar="N",
+                       help=f"processes reading and checking images (default: this machine's cores, {_cores()}); "
+                            "the shards are the same for any N")  # fmt: skip
+    build.add_argument("--max-side", type=_positive_int, default=None, metavar="S",
+                       help="store images whose longer side exceeds S resized to S (JPEG quality 95); "
+                            "others untouched (default: all untouched)")  # fmt: skip
+    build.add_argument("--resume", action="store_true",
+                       help="continue an interrupted build of the same settings: finished shards are kept")
 
     verify = commands.add_parser("verify", help="check shards against their index")
     verify.add_argument("out", help="folder holding shards and *-index.json")
@@ -69,6 +82,9 @@ def _build(args: argparse.Namespace) -> int:
         labelled=args.labelled,
         max_per_class=args.max_per_class,
         source=args.source,
+        workers=args.workers,
+        max_side=args.max_side,
+        resume=args.resume,
     )
     print(format_report(index, args.out))
     return 0
@@ -97,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed shards are kept, the partial one was removed", file=sys.stderr)
+        print("interrupted: completed shards are kept, the partial one was removed; --resume continues",
+              file=sys.stderr)  # fmt: skip
         return 130
 
 

@@ -9,15 +9,20 @@ instead of being skipped silently in the middle of an epoch.
 from __future__ import annotations
 
 import io
+import json
+import multiprocessing
 import os
 import random
 import re
 import shlex
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from PIL import Image
 
 from mae.data.decode import IMAGE_EXTENSIONS, UndecodableImage, decode_rgb
 from mae.data.shard_index import ShardEntry, ShardIndex, write_index
@@ -28,6 +33,7 @@ BLOCK = tarfile.BLOCKSIZE  # 512
 TAR_END = 2 * BLOCK  # end-of-archive marker: two zero blocks
 RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to whole 10 KiB records
 SAMPLES_PER_SHARD = 1000  # the default for folders large enough to give every reader a shard
+RESIZED_QUALITY = 95  # JPEG quality of images stored smaller (--max-side)
 
 
 class SourceError(ValueError):
@@ -133,10 +139,13 @@ class _ShardWriter:
     A reader (or a crashed build) therefore never sees a ``.tar`` that is half written.
     """
 
-    def __init__(self, out: Path, prefix: str, samples_per_shard: int, bytes_per_shard: int):
+    def __init__(self, out: Path, prefix: str, samples_per_shard: int, bytes_per_shard: int,
+                 entries: list[ShardEntry] | None = None, on_close: Callable[[int], None] | None = None):  # fmt: skip
         self.out, self.prefix = out, prefix
         self.samples_per_shard, self.bytes_per_shard = samples_per_shard, bytes_per_shard
-        self.entries: list[ShardEntry] = []
+        self.entries: list[ShardEntry] = list(entries or [])  # finished shards (kept by --resume)
+        self.on_close = on_close  # called with the position of the first image not in a finished shard
+        self._next = 0
         self._file: BinaryIO | None = None
         self._tar: tarfile.TarFile | None = None
         self._samples = 0
@@ -150,11 +159,13 @@ class _ShardWriter:
     def _tmp(self) -> Path:
         return self._final.with_name(self._final.name + TMP_SUFFIX)
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+    def add(self, key: str, members: list[tuple[str, bytes]], position: int = 0) -> None:
+        """Add a sample; ``position`` is its image's place in the build order."""
         size = sum(member_bytes(len(data)) for _, data in members)
         # Start a new shard rather than overshoot the byte limit; a sample larger than
         # the limit still gets a shard of its own.
         if self._tar is not None and tar_size(self._bytes + size) > self.bytes_per_shard:
+            self._next = position
             self.close_shard()
         if self._tar is None:
             self._file = open(self._tmp, "wb")
@@ -163,6 +174,7 @@ class _ShardWriter:
             self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._samples += 1
         self._bytes += size
+        self._next = position + 1
         if self._samples >= self.samples_per_shard:
             self.close_shard()
 
@@ -177,6 +189,8 @@ class _ShardWriter:
         self.entries.append(ShardEntry(self._final.name, self._samples))
         self._tar = self._file = None
         self._samples = self._bytes = 0
+        if self.on_close is not None:
+            self.on_close(self._next)
 
     def abandon(self) -> None:
         """Drop the shard in progress after an error, keeping the completed ones."""
@@ -217,6 +231,68 @@ def default_samples_per_shard(samples: int) -> int:
     return max(1, min(SAMPLES_PER_SHARD, -(-samples // readers)))
 
 
+def _stored(task: tuple[SourceImage, int | None]) -> tuple[str, bytes] | str:
+    """One image as it goes into a shard, (extension, bytes), or why it is skipped. Runs in
+    the build's worker processes: reading and decoding are the work that parallelises."""
+    image, max_side = task
+    try:
+        data = image.path.read_bytes()
+        img = decode_rgb(data)
+    except (OSError, UndecodableImage) as err:
+        return _reason(err)
+    if max_side is None or max(img.size) <= max_side:
+        return image.path.suffix[1:].lower(), data  # stored untouched
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    buf = io.BytesIO()
+    img.resize(size, Image.LANCZOS, reducing_gap=3.0).save(buf, format="JPEG", quality=RESIZED_QUALITY)
+    return "jpg", buf.getvalue()
+
+
+def _in_order(order: list[SourceImage], start: int, workers: int, max_side: int | None,
+              wanted: Callable[[SourceImage], bool]) -> Iterator[tuple[int, SourceImage, tuple[str, bytes] | str]]:  # fmt: skip
+    """(position, image, stored) from ``start`` on, in build order whatever the worker count,
+    so the shards are byte-identical. Images come in windows so that ``wanted`` (classes
+    already full under --max-per-class) spares the workers most needless decoding."""
+    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    window = 128 * workers
+    try:
+        for begin in range(start, len(order), window):
+            chosen = [p for p in range(begin, min(len(order), begin + window)) if wanted(order[p])]
+            tasks = [(order[p], max_side) for p in chosen]
+            results = pool.imap(_stored, tasks, chunksize=4) if pool is not None else map(_stored, tasks)
+            for position, result in zip(chosen, results):
+                yield position, order[position], result
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def journal_path(out: Path, prefix: str) -> Path:
+    """Progress of an unfinished build, for --resume; removed when the index is written."""
+    return out / f"{prefix}-build.json"
+
+
+def _resume_state(journal: Path, settings: dict) -> dict | None:
+    if not journal.exists():
+        return None
+    state = json.loads(journal.read_text())
+    changed = sorted(k for k in settings.keys() | state["settings"].keys()
+                     if settings.get(k) != state["settings"].get(k))  # fmt: skip
+    if changed:
+        raise SourceError(
+            f"--resume: the interrupted build in {journal.parent} used other settings ("
+            + ", ".join(f"{k}: {state['settings'].get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            + "); rerun with the same ones, or without --resume to start over"
+        )
+    for entry in state["shards"]:
+        if not (journal.parent / entry["name"]).is_file():
+            raise SourceError(f"--resume: finished shard {journal.parent / entry['name']} is missing; "
+                              "rerun without --resume to start over")  # fmt: skip
+    return state
+
+
 def build_shards(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -229,6 +305,9 @@ def build_shards(
     labelled: bool | None = None,
     max_per_class: int | None = None,
     source: str | None = None,
+    workers: int = 1,
+    max_side: int | None = None,
+    resume: bool = False,
 ) -> ShardIndex:
     """Write ``{prefix}-NNNNNN.tar`` shards and their index into ``out``; return the index.
 
@@ -237,12 +316,20 @@ def build_shards(
     class that decode are taken, in shuffled order, so each class gets exactly N when it
     has that many good images. Undecodable files are skipped and listed in
     ``index.skipped``; the build fails only when nothing at all could be written.
+    ``workers`` processes read and check the images; the output does not depend on how
+    many. ``max_side`` stores images whose longer side exceeds it resized to it (JPEG,
+    quality 95); the others are stored untouched. After each finished shard the build
+    notes its progress in ``<prefix>-build.json``; ``resume=True`` continues from there.
     """
     src, out = Path(src), Path(out)
     if (samples_per_shard is not None and samples_per_shard < 1) or bytes_per_shard < 1:
         raise SourceError("--samples-per-shard and --bytes-per-shard must be at least 1")
     if max_per_class is not None and max_per_class < 1:
         raise SourceError("--max-per-class must be at least 1")
+    if workers < 1:
+        raise SourceError(f"--workers must be at least 1, got {workers}")
+    if max_side is not None and max_side < 1:
+        raise SourceError(f"--max-side must be at least 1, got {max_side}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", prefix):
         raise SourceError(f"prefix {prefix!r} must be letters, digits, '_' or '-' (no dots or slashes)")
     images, classes = scan_source(src, labelled)
@@ -257,24 +344,50 @@ def build_shards(
             wanted = sum(min(n, max_per_class) for n in Counter(image.label for image in order).values())
         samples_per_shard = default_samples_per_shard(wanted)
     key_digits = max(6, len(str(len(order))))
-    writer = _ShardWriter(out, prefix, samples_per_shard, bytes_per_shard)
-    taken: Counter[int | None] = Counter()
-    skipped: list[dict[str, str]] = []
+    settings = {"src": str(src.resolve()), "images": len(order), "classes": classes, "shuffle": shuffle, "seed": seed,
+                "samples_per_shard": samples_per_shard, "bytes_per_shard": bytes_per_shard,
+                "max_per_class": max_per_class, "max_side": max_side}  # fmt: skip
+    journal = journal_path(out, prefix)
+    state = _resume_state(journal, settings) if resume else None
+    if state is None:
+        journal.unlink(missing_ok=True)
+        state = {"next": 0, "shards": [], "skipped": [], "taken": []}
+    taken: Counter[int | None] = Counter({label: n for label, n in state["taken"]})
+    skipped: list[tuple[int, dict[str, str]]] = [(p, s) for p, s in state["skipped"]]
+    current = {"position": -1, "label": None}
+
+    def save_progress(next_position: int) -> None:
+        """After each finished shard: what a resumed build needs to go on from ``next_position``."""
+        done = Counter(taken)
+        if current["position"] < next_position and current["position"] >= 0:
+            done[current["label"]] += 1  # the sample just added, not counted in ``taken`` yet
+        progress = {"settings": settings, "next": next_position, "shards": [asdict(e) for e in writer.entries],
+                    "skipped": [[p, s] for p, s in skipped if p < next_position],
+                    "taken": sorted(done.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}  # fmt: skip
+        tmp = journal.with_name(journal.name + TMP_SUFFIX)
+        tmp.write_text(json.dumps(progress) + "\n")
+        tmp.replace(journal)
+
+    entries = [ShardEntry(e["name"], e["samples"]) for e in state["shards"]]
+    writer = _ShardWriter(out, prefix, samples_per_shard, bytes_per_shard, entries, save_progress)
+
+    def wanted(image: SourceImage) -> bool:
+        return max_per_class is None or taken[image.label] < max_per_class
+
     try:
-        for image in order:
-            if max_per_class is not None and taken[image.label] >= max_per_class:
+        for position, image, stored in _in_order(order, state["next"], workers, max_side, wanted):
+            if not wanted(image):
                 continue
-            try:
-                data = image.path.read_bytes()
-                decode_rgb(data)
-            except (OSError, UndecodableImage) as err:
-                skipped.append({"path": image.rel, "reason": _reason(err)})
+            if isinstance(stored, str):
+                skipped.append((position, {"path": image.rel, "reason": stored}))
                 continue
-            members = [(image.path.suffix[1:].lower(), data)]
+            members = [stored]
             if image.label is not None:
                 members.append(("cls", str(image.label).encode("ascii")))
-            writer.add(f"{sum(taken.values()):0{key_digits}d}", members)
+            current.update(position=position, label=image.label)
+            writer.add(f"{sum(taken.values()):0{key_digits}d}", members, position)
             taken[image.label] += 1
+            current["position"] = -1
         writer.close_shard()
     except BaseException:
         writer.abandon()
@@ -286,11 +399,12 @@ def build_shards(
         prefix=prefix,
         shards=writer.entries,
         classes=classes,
-        skipped=skipped,
+        skipped=[s for _, s in skipped],
         source=source if source is not None else str(src),
         seed=seed if shuffle else None,
     )
     write_index(out, index)
+    journal.unlink(missing_ok=True)
     _remove_extra_shards(out, index)
     return index
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +19,8 @@ from torchvision import transforms as T
 
 from mae.data.pipeline import DataError, ShardLoader, expand_shards, shard_sizes
 from mae.data.shard_index import ShardEntry, ShardIndex, write_index
-from mae.data.transforms import pretrain_transform
+from mae.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_transform,
+                                  pretrain_transform, to_model_input)  # fmt: skip
 
 SHIPPED_SAMPLE = Path(__file__).resolve().parents[1] / "shards" / "cifar10"
 
@@ -352,15 +356,16 @@ def test_pipe_urls_read_end_to_end_given_samples_per_epoch(tmp_path: Path) -> No
 
 
 def test_shipped_cifar10_sample_reads_as_normalised_pretrain_batches() -> None:
-    """The repo's CIFAR-10 train shards give [B,3,32,32] normalised batches, labels 0..9."""
+    """The repo's CIFAR-10 train shards give [B,3,32,32] uint8 batches, labels 0..9, which
+    ``to_model_input`` normalises."""
     index = json.loads((SHIPPED_SAMPLE / "train-index.json").read_text())
     loader = ShardLoader(str(SHIPPED_SAMPLE / "train-{000000..000007}.tar"), pretrain_transform(32),
                          batch_size=64, num_workers=2, shuffle_buffer=100)  # fmt: skip
     assert loader.samples_per_epoch == index["total"] == 5000
     images, labels = [], []
     for batch in loader:
-        assert batch["image"].shape == (64, 3, 32, 32) and batch["image"].dtype == torch.float32
-        images.append(batch["image"])
+        assert batch["image"].shape == (64, 3, 32, 32) and batch["image"].dtype == torch.uint8
+        images.append(to_model_input(batch["image"], "cpu"))
         labels.append(batch["label"])
         if len(images) == 4:
             break
@@ -371,3 +376,178 @@ def test_shipped_cifar10_sample_reads_as_normalised_pretrain_batches() -> None:
     assert abs(x.mean().item()) < 0.5
     assert not batch["skipped"]
     assert not batch["converted"]
+
+
+# ------------------------------------------- uint8 batches, decoding at the crop's scale
+
+
+def torchvision_pretrain(size: int, scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose:
+    """Today's float path: what ``pretrain_transform`` replaces, step for step."""
+    return T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+
+
+GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)  # one step of uint8, in normalised units
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_path(real_jpegs) -> None:
+    """For the same torch seed, pretrain and eval transforms + ``to_model_input`` give the
+    values of torchvision's PIL + ToTensor + Normalize path: the same crops and flips, and
+    pixels within one grey level (torch's uint8 bicubic against PIL's), nearly all equal."""
+    jpegs = [data for name in sorted(real_jpegs) for data in real_jpegs[name]]
+    pairs = (
+        (pretrain_transform(32), torchvision_pretrain(32)),
+        (eval_transform(32), T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                                        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])),  # fmt: skip
+    )
+    for ours, theirs in pairs:
+        equal = total = 0
+        for k, data in enumerate(jpegs):
+            torch.manual_seed(k)
+            pixels, mode = ours(data)
+            torch.manual_seed(k)
+            expected = theirs(Image.open(io.BytesIO(data)).convert("RGB"))
+            assert pixels.dtype == torch.uint8 and mode == "RGB"
+            got = to_model_input(pixels.unsqueeze(0), "cpu")[0]
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            diff = (got - expected).abs()
+            assert diff.max() <= GREY_LEVEL + 1e-5, k
+            equal, total = equal + int((diff < 1e-6).sum()), total + diff.numel()
+        assert equal / total > 0.99
+    # the conversion itself is exactly ToTensor + Normalize
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    reference = torch.stack([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(p.float().div(255)) for p in pixels])
+    assert torch.equal(to_model_input(pixels, "cpu"), reference)
+    features = torch.randn(4, 16)
+    assert to_model_input(features, "cpu") is features or torch.equal(to_model_input(features, "cpu"), features)
+
+
+def gradient_jpeg(width: int, height: int) -> bytes:
+    """Red rises left to right, green top to bottom: a crop's box can be read off its pixels."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    rgb = np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8)
+    return encoded(Image.fromarray(rgb), "JPEG")
+
+
+def read_box(image: torch.Tensor) -> tuple[float, float, float, float, bool]:
+    """(left, right, top, bottom) in 0..255 units and whether it was flipped, from a gradient crop."""
+    img = image.float()
+    if img.min() < 0:  # normalised: back to 0..255
+        img = (img * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
+    r0, r1 = img[0, :, 0].mean().item(), img[0, :, -1].mean().item()
+    g0, g1 = img[1, 0, :].mean().item(), img[1, -1, :].mean().item()
+    return min(r0, r1), max(r0, r1), g0, g1, r0 > r1
+
+
+def test_crops_drawn_from_the_header_match_torchvision_random_resized_crop() -> None:
+    """On a 1600 x 1200 JPEG (decoded at 1/2 to 1/8 for most crops), the crop boxes and flips
+    are torchvision's RandomResizedCrop's with the same seed, and so their distribution."""
+    data = gradient_jpeg(1600, 1200)
+    ours, theirs = pretrain_transform(64), torchvision_pretrain(64)
+    header = Image.open(io.BytesIO(data))
+    full = header.convert("RGB")
+    ours_boxes, their_boxes, shrinks, areas = [], [], [], []
+    for k in range(150):
+        torch.manual_seed(k)
+        top, left, h, w = T.RandomResizedCrop.get_params(header, [0.2, 1.0], [3 / 4, 4 / 3])
+        shrinks.append(min(w, h) / 64)
+        areas.append(w * h / (1600 * 1200))
+        torch.manual_seed(k)
+        ours_boxes.append(read_box(ours(data)[0]))
+        torch.manual_seed(k)
+        their_boxes.append(read_box(theirs(full)))
+    assert sum(s >= 2 for s in shrinks) > 140  # nearly every crop decoded at a reduced scale
+    a, b = np.array(ours_boxes), np.array(their_boxes)
+    assert (a[:, 4] == b[:, 4]).all() and 0.35 < a[:, 4].mean() < 0.65  # same flips, about half
+    assert np.abs(a[:, :4] - b[:, :4]).max() < 3.0  # same boxes, to 3/255 of the side
+    widths, heights = a[:, 1] - a[:, 0], a[:, 3] - a[:, 2]
+    area = widths * heights / 255**2  # spans between pixel centres: a shade under the boxes' areas
+    assert 0.18 < area.min() and area.max() <= 1.0 and abs(area.mean() - np.mean(areas)) < 0.03
+
+
+def test_decoding_at_the_crop_scale_stays_close_to_a_full_size_decode(real_jpegs) -> None:
+    """A 1024 x 1024 photo mosaic (CIFAR tiles enlarged 4x, JPEG quality 75): each crop decoded
+    at a reduced DCT scale against torchvision's crop of the full-size decode, both at 224.
+    Stated tolerance, set for this hard case (sharp tile edges everywhere; a 2000 x 1500
+    photo stays within 3 grey levels and above 33 dB): mean absolute difference under 8
+    grey levels for every crop and under 4 on average, PSNR above 25 dB."""
+    tiles = [Image.open(io.BytesIO(d)).convert("RGB") for name in sorted(real_jpegs) for d in real_jpegs[name]]
+    mosaic = Image.new("RGB", (256, 256))
+    for i, tile in enumerate(tiles[:64]):
+        mosaic.paste(tile, ((i % 8) * 32, (i // 8) * 32))
+    data = encoded(mosaic.resize((1024, 1024), Image.BICUBIC), "JPEG")  # quality 75, PIL's default
+    ours, theirs = pretrain_transform(224, scale=(0.2, 1.0)), torchvision_pretrain(224)
+    errors, psnrs, reduced = [], [], 0
+    for k in range(40):
+        torch.manual_seed(k)
+        top, left, h, w = T.RandomResizedCrop.get_params(Image.open(io.BytesIO(data)), [0.2, 1.0], [3 / 4, 4 / 3])
+        reduced += min(w, h) >= 2 * 224
+        torch.manual_seed(k)
+        got = to_model_input(ours(data)[0].unsqueeze(0), "cpu")[0]
+        torch.manual_seed(k)
+        expected = theirs(Image.open(io.BytesIO(data)).convert("RGB"))
+        diff = (got - expected) * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255  # grey levels
+        errors.append(diff.abs().mean().item())
+        psnrs.append(10 * math.log10(255**2 / diff.pow(2).mean().item()) if diff.abs().max() > 0 else 99.0)
+    assert reduced >= 10  # the comparison covers crops decoded at 1/2
+    assert max(errors) < 8.0 and np.mean(errors) < 4.0, errors
+    assert min(psnrs) > 25.0, psnrs
+
+
+# ---------------------------------------------------------------- resume without decoding
+
+
+class LoggingCrop(RandomResizedCropFlip):
+    """The real transform, noting a digest of every image it decodes in a file (workers too)."""
+
+    def __init__(self, size: int, log: Path) -> None:
+        super().__init__(size, scale=(0.2, 1.0))
+        self.log = log
+
+    def __call__(self, data: bytes) -> tuple[torch.Tensor, str]:
+        with open(self.log, "a") as f:
+            f.write(hashlib.sha1(data).hexdigest() + "\n")
+        return super().__call__(data)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches(
+    tmp_path: Path, real_jpegs, num_workers: int
+) -> None:
+    """``set_epoch(e, skip_batches=k)``: the batches after the first k are the uninterrupted
+    read's, pixel for pixel (augmentations included), and no image of the first k batches
+    is decoded. Shards of uneven size, so workers run out at different batches."""
+    jpegs = [data for name in sorted(real_jpegs) for data in real_jpegs[name]]
+    digest_label, entries, n = {}, [], 0
+    for s, size in enumerate([14, 9, 17, 10]):
+        members = []
+        for _ in range(size):
+            members += [(f"{n:06d}.jpg", jpegs[n]), (f"{n:06d}.cls", str(n).encode())]
+            digest_label[hashlib.sha1(jpegs[n]).hexdigest()] = n
+            n += 1
+        write_tar(tmp_path / f"train-{s:06d}.tar", members)
+        entries.append(ShardEntry(f"train-{s:06d}.tar", size))
+    write_index(tmp_path, ShardIndex(prefix="train", shards=entries))
+    log = tmp_path / "decoded.log"
+
+    def loader() -> ShardLoader:
+        return ShardLoader(str(tmp_path / "train-{000000..000003}.tar"), LoggingCrop(32, log), batch_size=4,
+                           num_workers=num_workers, seed=3, shuffle_buffer=6)  # fmt: skip
+
+    full = loader()
+    full.set_epoch(1)
+    reference = list(full)
+    assert len(reference) == full.batches_per_epoch(1) == 13  # ceil over each worker's shards
+    skip = round(0.9 * len(reference))
+    log.unlink()
+    resumed = loader()
+    resumed.set_epoch(1, skip_batches=skip)
+    batches = list(resumed)
+    assert len(batches) == len(reference) - skip
+    for got, want in zip(batches, reference[skip:]):
+        assert torch.equal(got["label"], want["label"]) and torch.equal(got["image"], want["image"])
+    decoded = {digest_label[line] for line in log.read_text().split()}
+    trained = {label for b in reference[:skip] for label in b["label"].tolist()}
+    assert decoded == {label for b in batches for label in b["label"].tolist()}
+    assert not decoded & trained

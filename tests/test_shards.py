@@ -18,7 +18,7 @@ import webdataset as wds
 from mae.data.decode import decode_rgb
 from mae.data.shard_index import ShardEntry, ShardIndex, index_path, read_index, write_index
 from shards.__main__ import main
-from shards.build import build_shards
+from shards.build import SourceError, build_shards
 from shards.verify import verify_shard, verify_shards
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[byt
         (src / f"{i:03d}.jpg").write_bytes(data)
     fifo = src / "015_blocks.jpg"  # sorted right after 015.jpg: reading it waits forever
     os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "shards", "build", str(src), str(out), "--no-shuffle", "--samples-per-shard", "5"]
+    cmd = [sys.executable, "-m", "shards", "build", str(src), str(out), "--no-shuffle", "--samples-per-shard", "5",
+           "--workers", "1"]  # fmt: skip  (a worker process blocked on the FIFO would outlive the kill)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -210,9 +211,56 @@ def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[byt
         assert verify_shard(out, ShardEntry(path.name, 5), partial) == []
 
     fifo.unlink()
-    index = build_shards(src, out, shuffle=False, samples_per_shard=5)
-    assert not list(out.glob("*.tmp"))
-    assert index.total == 30 and verify_shards(out) == []
+    fifo.write_bytes(jpegs[0])  # the file it was waiting for is now there
+    finished = {p.name: p.stat().st_mtime_ns for p in shard_files(out)}
+    assert main(["build", str(src), str(out), "--no-shuffle", "--samples-per-shard", "5", "--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in shard_files(out)[:3]} == finished  # kept, not rewritten
+    assert not list(out.glob("*.tmp")) and not (out / "train-build.json").exists()
+    assert verify_shards(out) == [] and read_index(index_path(out, "train")).total == 31
+    fresh = tmp_path / "fresh"
+    assert main(["build", str(src), str(fresh), "--no-shuffle", "--samples-per-shard", "5"]) == 0
+    assert folder_bytes(out) == folder_bytes(fresh)  # the resumed build is the uninterrupted one
+
+
+def test_resume_with_other_settings_is_refused_naming_them(image_tree: ImageTree, tmp_path: Path) -> None:
+    """A journal of another build's settings: --resume stops, naming what changed."""
+    import json
+
+    out = tmp_path / "out"
+    build_shards(image_tree.root, out, samples_per_shard=16)
+    journal = out / "train-build.json"
+    state = {"settings": {"seed": 0, "samples_per_shard": 16}, "next": 16, "shards": [], "skipped": [], "taken": []}
+    journal.write_text(json.dumps(state))
+    with pytest.raises(SourceError, match="samples_per_shard: 16 then, 10 now"):
+        build_shards(image_tree.root, out, samples_per_shard=10, resume=True)
+
+
+@pytest.mark.parametrize("max_side", [None, 20])
+def test_output_is_byte_identical_whatever_the_worker_count(image_tree: ImageTree, tmp_path: Path,
+                                                            max_side: int | None) -> None:  # fmt: skip
+    """1, 2 and 3 worker processes write the same bytes for the same seed (--max-side too)."""
+    outputs = []
+    for workers in (1, 2, 3):
+        build_shards(image_tree.root, tmp_path / f"w{workers}", samples_per_shard=10, seed=5, workers=workers,
+                     max_side=max_side, source="test")  # fmt: skip
+        outputs.append(folder_bytes(tmp_path / f"w{workers}"))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_max_side_resizes_only_larger_images_to_jpeg_95(image_tree: ImageTree, tmp_path: Path) -> None:
+    """--max-side 20 stores the 32 x 32 images as 20 x 20 JPEGs; --max-side 32 stores every file untouched."""
+    from PIL import Image
+
+    build_shards(image_tree.root, tmp_path / "small", max_side=20)
+    samples = read_back(tmp_path / "small")
+    assert len(samples) == len(image_tree.good)
+    for sample in samples:
+        assert "jpg" in sample and "png" not in sample
+        img = Image.open(io.BytesIO(sample["jpg"]))
+        assert img.format == "JPEG" and img.size == (20, 20) and img.mode == "RGB"
+    build_shards(image_tree.root, tmp_path / "same", max_side=32)
+    stored = Counter(image_bytes(s) for s in read_back(tmp_path / "same"))
+    assert stored == Counter(data for _, data in image_tree.good.values())
 
 
 def test_rebuild_removes_shards_the_new_index_does_not_list(image_tree: ImageTree, tmp_path: Path) -> None:

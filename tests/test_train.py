@@ -136,12 +136,14 @@ def test_killed_run_resumes_with_the_same_losses(reference_run, tmp_path):
     assert_same_run(reference_run, out)
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference_run, tmp_path):
-    """SIGTERM mid-epoch: a checkpoint at the next step, exit 75, and an exact resume."""
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference_run, tmp_path, fraction):
+    """SIGTERM mid-epoch (half-way, and 90% in, where the resumed loader skips most of the
+    epoch without decoding it): a checkpoint at the next step, exit 75, and an exact resume."""
     out = tmp_path / "run"
     proc = subprocess.Popen(stage(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    mid = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2
+    mid = STEPS_PER_EPOCH + int(STEPS_PER_EPOCH * fraction)
     try:
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= mid, proc)
         proc.send_signal(signal.SIGTERM)

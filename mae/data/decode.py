@@ -10,8 +10,11 @@ import io
 import re
 import warnings
 
+import numpy as np
+import simplejpeg
 from PIL import Image
 
+DCT_SHRINK = (1, 2, 4, 8)  # the JPEG scales decoding may use: 1/1, 1/2, 1/4, 1/8
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 
 
@@ -24,23 +27,40 @@ def decode_rgb(data: bytes) -> Image.Image:
     return decode_with_mode(data)[0]
 
 
-def decode_with_mode(data: bytes) -> tuple[Image.Image, str]:
-    """Like ``decode_rgb``, also returning the stored colour mode so readers can count conversions.
+def _undecodable(err: Exception) -> UndecodableImage:
+    # PIL's messages name the BytesIO object by address; keep reasons reproducible
+    reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+    return UndecodableImage(f"{type(err).__name__}: {reason}")
 
-    ``Image.open`` is lazy, so ``load()`` is forced here: a truncated JPEG must fail
-    now, inside the skip-and-count handler, not later inside a transform.
-    """
+
+def open_header(data: bytes) -> Image.Image:
+    """The image with only its header read: size, mode and format, no pixels decoded yet."""
     if not data:
         raise UndecodableImage("zero-byte image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
+            return Image.open(io.BytesIO(data))
     except Exception as err:  # PIL raises many unrelated types for bad input
-        # PIL's messages name the BytesIO object by address; keep reasons reproducible
-        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
-        raise UndecodableImage(f"{type(err).__name__}: {reason}") from err
+        raise _undecodable(err) from err
+
+
+def decode_with_mode(data: bytes, header: Image.Image | None = None,
+                     at_least: tuple[int, int] | None = None) -> tuple[Image.Image, str]:  # fmt: skip
+    """Like ``decode_rgb``, also returning the stored colour mode so readers can count conversions.
+
+    ``at_least`` (width, height) lets a JPEG decode at a reduced DCT scale (PIL's ``draft``)
+    as long as it stays at least that large. ``Image.open`` is lazy, so ``load()`` is
+    forced here: a truncated JPEG must fail now, inside the skip-and-count handler, not
+    later inside a transform.
+    """
+    img = open_header(data) if header is None else header
+    try:
+        if at_least is not None and img.format == "JPEG":
+            img.draft(img.mode, at_least)
+        img.load()
+    except Exception as err:  # PIL raises many unrelated types for bad input
+        raise _undecodable(err) from err
     mode = img.mode
     if mode == "RGB":
         return img, mode
@@ -54,6 +74,31 @@ def decode_with_mode(data: bytes) -> tuple[Image.Image, str]:
         # 16-bit greyscale: scale to 8 bits before conversion, else it saturates.
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB"), mode
+
+
+def decode_pixels(data: bytes, header: Image.Image, at_least: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """RGB pixels [H, W, 3] uint8 at the smallest of the DCT scales 1, 1/2, 1/4, 1/8 whose
+    width and height are at least ``at_least``, and the stored colour mode. ``header`` is
+    ``open_header(data)``; images other than JPEGs decode at full size.
+
+    Colour and greyscale JPEGs go through libjpeg-turbo (simplejpeg); everything else
+    (other formats, CMYK, and JPEGs libjpeg-turbo finds fault with, so that exactly what
+    PIL accepts is accepted) through PIL. libjpeg-turbo also scales by 7/8, 3/4, 5/8 and
+    3/8, but those are not used: on 500 x 375 photos the first three decode more slowly
+    than full size (no SIMD kernels) and differ most from a full-size decode resized
+    (BENCHMARKS.md, "Decoding at the crop's scale").
+    """
+    width, height = header.size
+    shrink = max(k for k in DCT_SHRINK if -(-width // k) >= at_least[0] and -(-height // k) >= at_least[1])
+    at_least = (-(-width // shrink), -(-height // shrink))
+    if header.format == "JPEG" and header.mode in ("RGB", "L"):
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=at_least[0], min_height=at_least[1])
+            return pixels, header.mode
+        except ValueError:
+            header = open_header(data)  # PIL decides; it also names the fault
+    img, mode = decode_with_mode(data, header, at_least)
+    return np.array(img), mode
 
 
 def image_key(sample: dict) -> str | None:

@@ -21,12 +21,12 @@ class FeatureLoader:
             raise ValueError(f"{len(features)} features but {len(labels)} labels")
         self.features, self.labels = features, labels
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self._batches = -(-len(features) // batch_size)
         self._even = batches_per_epoch  # the fewest any rank has, when ranks hold different counts
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
 
     def batches_per_epoch(self, epoch: int) -> int:
         return self._batches if self._even is None else self._even
@@ -46,7 +46,7 @@ class FeatureLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         features, labels = self.shuffled(self.epoch)
-        for start in range(0, len(features), self.batch_size):
+        for start in range(self.skip * self.batch_size, len(features), self.batch_size):
             end = start + self.batch_size
             yield {"image": features[start:end], "label": labels[start:end], "worker": 0, "skipped": {},
                    "converted": {}}  # fmt: skip

@@ -4,7 +4,9 @@
                      (finite mode), or an endless seeded draw of shards (resampled mode)
     tar_to_samples   tar members grouped into samples; unreadable tars skipped and counted
     SampleShuffle    buffered shuffle seeded by (seed, epoch, rank, worker)
-    DecodeImages     bytes -> RGB -> transform; undecodable or image-less samples counted
+    SkipTrained      numbers the samples; drops those a resumed run already trained on, undecoded
+    DecodeImages     bytes -> transform (uint8 pixels), the random draws seeded by the
+                     sample's number; undecodable or image-less samples counted
     FillToPlan       (training, finite mode) exactly the worker's planned samples: what
                      corrupt samples took is refilled with repeats of its latest ones
     batched          stacked batches; the last one of each worker may be partial
@@ -25,18 +27,19 @@ import random
 import signal
 import sys
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import UndecodableImage, decode_with_mode, image_key
 from .shard_index import find_indexes
-from .transforms import Transform
+from .transforms import BytesTransform, Transform
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "hf://")
 
@@ -138,6 +141,10 @@ class StreamContext:
     epoch: int = 0
     rank: int = 0
     world_size: int = 1
+    skip_batches: tuple[int, ...] = ()  # per worker: batches a resumed run already trained on
+
+    def skipped(self, worker: int) -> int:
+        return self.skip_batches[worker] if worker < len(self.skip_batches) else 0
 
     def worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -223,20 +230,72 @@ class SampleShuffle:
         yield from buf
 
 
-class DecodeImages:
-    """Sample dict -> (image tensor, label); label -1 for unlabelled shards."""
+class SkipTrained:
+    """Numbers each sample of this worker's epoch stream (``__number__``) and drops the
+    first ones, which a run resumed mid-epoch has already trained on, before anything
+    decodes them. The shuffle before it never looks at pixels, so the stream, and with
+    it every later batch, is the uninterrupted run's."""
 
-    def __init__(self, transform: Transform, counter: SkipCounter) -> None:
-        self.transform, self.counter = transform, counter
+    def __init__(self, ctx: StreamContext, batch_size: int) -> None:
+        self.ctx, self.batch_size = ctx, batch_size
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        skip = self.ctx.skipped(self.ctx.worker()[0]) * self.batch_size
+        for number, sample in enumerate(src):
+            if number >= skip:
+                yield dict(sample, __number__=number)
+
+
+class SampleSeeds:
+    """The random state of each sample's augmentation, a function of (seed, epoch, rank,
+    worker, sample number) alone, so a sample augments the same however many before it
+    were decoded or skipped. torch, ``random`` and numpy are all seeded: torchvision draws
+    from torch, timm's RandAugment from the other two."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self.base = ctx.rng("augment").getrandbits(62)
+        self.in_worker = get_worker_info() is not None
+
+    def __call__(self, number: int, fn: Callable[..., Any], *args: Any) -> Any:
+        seed = (self.base + number * 0x9E3779B97F4A7C15) % 2**62
+        saved = None
+        if not self.in_worker:  # in the training process: leave its random streams as they were
+            saved = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.random.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn(*args)
+        finally:
+            if saved is not None:
+                torch.random.set_rng_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
+
+
+class DecodeImages:
+    """Sample dict -> (image tensor, label); label -1 for unlabelled shards. A
+    ``BytesTransform`` decodes the bytes itself (at the scale its crop needs); any other
+    transform gets the fully decoded RGB image."""
+
+    def __init__(self, transform: Transform, counter: SkipCounter, ctx: StreamContext) -> None:
+        self.transform, self.counter, self.ctx = transform, counter, ctx
+
+    def _decode(self, data: bytes) -> tuple[torch.Tensor, str]:
+        if isinstance(self.transform, BytesTransform):
+            return self.transform(data)
+        img, mode = decode_with_mode(data)
+        return self.transform(img), mode
 
     def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int]]:
+        seeds = SampleSeeds(self.ctx)
         for sample in src:
             ext = image_key(sample)
             if ext is None:
                 self.counter.counts["no_image"] += 1
                 continue
             try:
-                img, mode = decode_with_mode(sample[ext])
+                image, mode = seeds(sample["__number__"], self._decode, sample[ext])
             except UndecodableImage:
                 self.counter.counts["undecodable"] += 1
                 continue
@@ -249,7 +308,7 @@ class DecodeImages:
                 except ValueError:
                     self.counter.counts["bad_label"] += 1
                     continue
-            yield self.transform(img), label
+            yield image, label
 
 
 class FillToPlan:
@@ -273,8 +332,10 @@ class FillToPlan:
         return share * self.batch_size, shards
 
     def __call__(self, src: Iterator[tuple[torch.Tensor, int]]) -> Iterator[tuple[torch.Tensor, int]]:
-        want, shards = self.planned(*self.ctx.worker())
-        if want == 0:
+        worker, num_workers = self.ctx.worker()
+        want, shards = self.planned(worker, num_workers)
+        want -= self.ctx.skipped(worker) * self.batch_size  # a resumed run's SkipTrained dropped these
+        if want <= 0:
             return
         recent: deque = deque(maxlen=self.batch_size)
         for sample in src:
@@ -301,7 +362,7 @@ class TagBatches:
         budget = math.inf
         if self.batches_per_rank is not None:  # spread the rank's batches over its workers
             budget = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
-        for i, (images, labels) in enumerate(src):
+        for i, (images, labels) in enumerate(src, start=self.ctx.skipped(worker)):
             if i >= budget:
                 return
             yield {"image": images, "label": labels, "worker": worker, "skipped": dict(self.counter.counts),
@@ -392,7 +453,8 @@ class ShardLoader:
             self.counter.reading,
             wds.tarfile_to_samples(handler=self.counter.tar_error),
             SampleShuffle(self.ctx, shuffle_buffer if shuffle else 0),
-            DecodeImages(transform, self.counter),
+            SkipTrained(self.ctx, batch_size),
+            DecodeImages(transform, self.counter, self.ctx),
             *fill,
             wds.batched(batch_size, collation_fn=_collate, partial=True),
             TagBatches(self.counter, self.ctx, self._resampled_budget() if resampled else None),
@@ -401,11 +463,14 @@ class ShardLoader:
     def _resampled_budget(self) -> int:
         return max(1, self.samples_per_epoch // (self.ctx.world_size * self.batch_size))
 
-    def rank_batches(self, epoch: int, rank: int) -> int:
-        """Batches ``rank`` reads in ``epoch`` (finite mode with an index)."""
+    def _finite_worker_batches(self, epoch: int, rank: int) -> list[int]:
         ctx = StreamContext(self.ctx.seed, epoch, rank, self.ctx.world_size)
         assignment = finite_assignment(self.urls, ctx, max(1, self.num_workers), self.shuffle)
-        return sum(math.ceil(sum(self.sizes[u] for u in shards) / self.batch_size) for shards in assignment)
+        return [math.ceil(sum(self.sizes[u] for u in shards) / self.batch_size) for shards in assignment]
+
+    def rank_batches(self, epoch: int, rank: int) -> int:
+        """Batches ``rank`` reads in ``epoch`` (finite mode with an index)."""
+        return sum(self._finite_worker_batches(epoch, rank))
 
     def batches_per_epoch(self, epoch: int) -> int:
         if self.resampled:
@@ -421,8 +486,35 @@ class ShardLoader:
         per_rank = [self.rank_batches(epoch, r) for r in range(self.ctx.world_size)]
         return (sum(per_rank) - min(per_rank) * len(per_rank)) * self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
+    def worker_batches(self, epoch: int) -> list[float]:
+        """Batches each worker of this rank yields in ``epoch`` (inf where only the stream's end tells)."""
+        workers = max(1, self.num_workers)
+        if self.resampled:
+            total = self._resampled_budget()
+            return [total // workers + (w < total % workers) for w in range(workers)]
+        if self.sizes is None:
+            return [math.inf] * workers
+        return list(self._finite_worker_batches(epoch, self.ctx.rank))
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Read ``epoch`` from its start, or without its first ``skip_batches`` batches
+        (a resumed run): the batches after them are those of an uninterrupted read.
+
+        The DataLoader takes batches from its workers in turn, passing over a worker once
+        it has run out, so the first ``skip_batches`` split over the workers as below.
+        Exact when no sample among the skipped ones is undecodable or image-less (those
+        are dropped after the count, which the skip cannot know without decoding them)."""
         self.ctx.epoch = epoch
+        remaining = self.worker_batches(epoch)
+        skips = [0] * len(remaining)
+        left = skip_batches
+        while left > 0 and any(r > 0 for r in remaining):
+            for w in range(len(remaining)):
+                if left > 0 and remaining[w] > 0:
+                    skips[w] += 1
+                    remaining[w] -= 1
+                    left -= 1
+        self.ctx.skip_batches = tuple(skips)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # A fresh generator per epoch fixes the workers' seeds, hence the augmentations,

@@ -1,0 +1,237 @@
+"""Data path throughput: this project's loader against torchvision's, the shard builder's
+scaling with workers, and the pretraining stage end to end against its own bare step.
+
+    python benchmarks/data_pipeline.py --parts loader,build,stage --json /tmp/data_pipeline.json
+
+loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip) of the 256
+        ImageNet photos of ../shared/datasets/imagenet-sample-256.tar, (a) as they are and (b)
+        upscaled to 4032 x 3024 and saved as JPEG quality 90 (a phone camera's size). Peer:
+        torchvision's ImageFolder + DataLoader with the same transform ending in ToTensor +
+        Normalize. Ours: ShardLoader over shards of the same files, uint8 batches normalised
+        by ``to_model_input`` in the main process. One loader worker each, so img/s is per
+        core of decoding and augmentation; passes alternate between the two.
+build   ``build_shards`` of the (a) photos with 1 and with 2 worker processes, alternating;
+        the outputs must be byte-identical.
+scales  why decoding uses the DCT scales 1, 1/2, 1/4, 1/8 only: libjpeg-turbo's decode speed
+        of the (a) photos at each n/8, and how far each scale's pixels are from the full-size
+        decode resized (bicubic, antialiased) to the same size, in mean absolute grey levels.
+stage   ``accelerate launch -m pipelines.pretrain`` with its defaults (shipped CIFAR shards,
+        its default loader workers) for 2 epochs: img/s from its metrics, against the bare
+        training step (the same model, batch and threads, batches already in memory)
+        timed in the same run before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mae.data.pipeline import ShardLoader  # noqa: E402
+from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform, to_model_input  # noqa: E402
+from shards.build import build_shards  # noqa: E402
+
+PHOTOS = Path("/work/shared/datasets/imagenet-sample-256.tar")
+SIZE, BATCH = 224, 64
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """ImageFolder layouts of the photos (a) and their 4032 x 3024 versions (b), and one shard of each."""
+    folders = {"a": work / "a" / "photos", "b": work / "b" / "photos"}
+    if not folders["a"].exists():
+        folders["a"].mkdir(parents=True)
+        with tarfile.open(PHOTOS) as tar:
+            for m in tar:
+                if m.isfile():
+                    (folders["a"] / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    if not folders["b"].exists():
+        folders["b"].mkdir(parents=True)
+        for path in sorted(folders["a"].iterdir()):
+            img = Image.open(path).convert("RGB")
+            img = img.resize((4032, 3024) if img.width >= img.height else (3024, 4032), Image.BICUBIC)
+            img.save(folders["b"] / path.name, format="JPEG", quality=90)
+    for case, folder in folders.items():
+        if not (work / case / "shards" / "train-index.json").exists():
+            build_shards(folder.parent, work / case / "shards", samples_per_shard=1000, shuffle=False,
+                         labelled=True, workers=2)  # fmt: skip
+    return folders
+
+
+def torchvision_pass(folder: Path) -> float:
+    tf = T.Compose([T.RandomResizedCrop(SIZE, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+    loader = DataLoader(datasets.ImageFolder(str(folder.parent), tf), batch_size=BATCH, shuffle=True, num_workers=1)
+    start, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def ours_pass(shards: Path, epoch: int) -> float:
+    loader = ShardLoader(str(shards / "train-000000.tar"), pretrain_transform(SIZE), batch_size=BATCH,
+                         num_workers=1, shuffle_buffer=256)  # fmt: skip
+    loader.set_epoch(epoch)
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(to_model_input(batch["image"], "cpu"))
+    return n / (time.perf_counter() - start)
+
+
+def loader_part(work: Path, passes: dict[str, int]) -> dict:
+    folders = prepare(work)
+    out = {}
+    for case, folder in folders.items():
+        theirs, ours = [], []
+        for p in range(passes[case]):
+            theirs.append(torchvision_pass(folder))
+            ours.append(ours_pass(work / case / "shards", p))
+        out[case] = {"torchvision_img_s": theirs, "ours_img_s": ours,
+                     "ratio_of_medians": statistics.median(ours) / statistics.median(theirs)}  # fmt: skip
+        print(f"loader ({case}): torchvision {statistics.median(theirs):.1f} img/s, ours {statistics.median(ours):.1f} "
+              f"img/s, ratio {out[case]['ratio_of_medians']:.2f}", flush=True)
+    return out
+
+
+def build_part(work: Path, rounds: int) -> dict:
+    src = prepare(work)["a"].parent
+    times: dict[int, list[float]] = {1: [], 2: []}
+    outputs = {}
+    for _ in range(rounds):
+        for workers in (1, 2):
+            dest = work / f"build-{workers}"
+            shutil.rmtree(dest, ignore_errors=True)
+            start = time.perf_counter()
+            index = build_shards(src, dest, samples_per_shard=64, workers=workers, source="bench")
+            times[workers].append(index.total / (time.perf_counter() - start))
+            outputs[workers] = {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
+    identical = outputs[1] == outputs[2]
+    ratio = statistics.median(times[2]) / statistics.median(times[1])
+    print(f"build: 1 worker {statistics.median(times[1]):.0f} img/s, 2 workers {statistics.median(times[2]):.0f} img/s, "
+          f"ratio {ratio:.2f}, byte-identical: {identical}", flush=True)
+    return {"img_s_1": times[1], "img_s_2": times[2], "ratio_of_medians": ratio, "byte_identical": identical}
+
+
+def scales_part(work: Path) -> dict:
+    import numpy as np
+    import simplejpeg
+
+    files = [p.read_bytes() for p in sorted(prepare(work)["a"].iterdir())]
+    files = [d for d in files if simplejpeg.decode_jpeg_header(d)[2] == "YCbCr"]
+    out = {}
+    for n in range(8, 0, -1):
+        start = time.perf_counter()
+        decoded = []
+        for data in files:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            decoded.append(simplejpeg.decode_jpeg(data, min_width=-(-width * n // 8), min_height=-(-height * n // 8)))
+        rate = len(files) / (time.perf_counter() - start)
+        errors = []
+        for data, small in zip(files[:64], decoded[:64]):
+            full = torch.from_numpy(simplejpeg.decode_jpeg(data)).permute(2, 0, 1).unsqueeze(0)
+            ref = torch.nn.functional.interpolate(full, size=small.shape[:2], mode="bicubic", antialias=True)[0]
+            errors.append((ref.permute(1, 2, 0).float() - torch.from_numpy(small).float()).abs().mean().item())
+        out[f"{n}/8"] = {"img_s": rate, "mean_abs_diff": float(np.mean(errors))}
+        print(f"scale {n}/8: {rate:.0f} img/s, {np.mean(errors):.2f} grey levels from the full decode resized", flush=True)
+    return out
+
+
+def bare_step(steps: int) -> float:
+    """The default pretraining step (model, batch 64, AdamW, all cores) on batches already in memory."""
+    from mae.optim import param_groups
+    from mae.pretrain import PretrainConfig, build_model
+
+    cfg = PretrainConfig()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=1e-4, betas=(0.9, 0.95))
+    size = model.cfg.img_size
+    batches = [torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8) for _ in range(4)]
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        loss, _, _ = model(to_model_input(batches[i % 4], "cpu"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return cfg.batch_size / statistics.median(times)
+
+
+def stage_part(work: Path, epochs: int, steps: int) -> dict:
+    before = bare_step(steps)
+    out = work / "stage"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "pipelines.pretrain",
+           f"output_dir={out}", f"epochs={epochs}", "progress=false"]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = bare_step(steps)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_sec"] for r in records if "images_per_sec" in r]
+    bare = (before + after) / 2
+    stage = statistics.median(rates)
+    print(f"stage: median {stage:.1f} img/s over {len(rates)} logged windows (mean {statistics.mean(rates):.1f}), "
+          f"bare step {before:.1f} before / {after:.1f} after, ratio {stage / bare:.3f} "
+          f"(mean window {statistics.mean(rates) / bare:.3f}); wall {wall:.0f} s", flush=True)
+    return {"window_img_s": rates, "bare_before": before, "bare_after": after, "ratio_median": stage / bare,
+            "ratio_mean": statistics.mean(rates) / bare, "wall_s": wall}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="loader,build,stage")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "data_pipeline_bench"))
+    parser.add_argument("--passes-a", type=int, default=3)
+    parser.add_argument("--passes-b", type=int, default=1)
+    parser.add_argument("--build-rounds", type=int, default=2)
+    parser.add_argument("--stage-epochs", type=int, default=2)
+    parser.add_argument("--bare-steps", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    print(f"{report['cpu']}, {report['cores']} cores, torch {report['torch']}", flush=True)
+    parts = args.parts.split(",")
+    if "loader" in parts:
+        report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b})
+    if "build" in parts:
+        report["build"] = build_part(work, args.build_rounds)
+    if "scales" in parts:
+        report["scales"] = scales_part(work)
+    if "stage" in parts:
+        report["stage"] = stage_part(work, args.stage_epochs, args.bare_steps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
