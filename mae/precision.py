@@ -50,12 +50,18 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bo
     return False, f"{device.type}: native bf16 not known"
 
 
-def resolve_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> Precision:
-    """``auto`` -> bf16 where the hardware runs it natively, fp32 otherwise; an explicit
-    ``bf16`` on a CPU without native support stays, with a warning about its cost."""
+def resolve_precision(
+    requested: str, device: torch.device, flags: set[str] | None = None, deepspeed: bool = False
+) -> Precision:
+    """``auto`` -> bf16 where the hardware runs it natively, fp32 otherwise (and under
+    DeepSpeed, whose bf16 mode turns the weights to bf16 but leaves the stages' fp32
+    inputs uncast); an explicit ``bf16`` on a CPU without native support stays, with a
+    warning about its cost."""
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     native, why = native_bf16(device, flags)
+    if requested == "auto" and deepspeed:
+        return Precision("no", "auto: fp32 under DeepSpeed")
     if requested == "auto":
         return Precision("bf16" if native else "no", f"auto: {why}")
     if requested == "bf16" and device.type == "cpu" and not native:

@@ -45,7 +45,7 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
         plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
-    precision = resolve_precision(cfg.mixed_precision, PartialState().device)
+    precision = resolve_precision(cfg.mixed_precision, PartialState().device, deepspeed=plugin is not None)
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
                               deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:

@@ -37,6 +37,12 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_of_the_slowdown():
     assert resolve_precision("no", CPU, {"avx512_bf16"}).mode == "no"
 
 
+def test_auto_keeps_fp32_under_deepspeed():
+    """DeepSpeed's bf16 mode casts the weights, not the stages' fp32 inputs: auto stays fp32 there."""
+    p = resolve_precision("auto", CPU, {"avx512_bf16"}, deepspeed=True)
+    assert p.mode == "no" and "DeepSpeed" in p.describe()
+
+
 def test_auto_is_the_default_and_bad_values_are_named():
     assert RunConfig().mixed_precision == "auto"
     with pytest.raises(ValueError, match="mixed_precision"):
