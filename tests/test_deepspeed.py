@@ -60,10 +60,12 @@ def test_zero2_saves_resumes_and_exports(tmp_path):
     check_export(split)
 
 
-def test_zero3_trains_evaluates_and_exports(tmp_path):
-    """ZeRO-3 shards the weights: evaluation runs in lockstep and the export is gathered whole."""
+@pytest.mark.parametrize("mixer", ["attention", "feedforward"])
+def test_zero3_trains_evaluates_and_exports(tmp_path, mixer):
+    """ZeRO-3 shards the weights: evaluation runs in lockstep and the export is gathered whole
+    (the feed-forward encoder's patch MLP on visible tokens included)."""
     out = tmp_path / "z3"
-    launch("deepspeed_zero3.yaml", tmp_path, f"output_dir={out}", "epochs=1")
+    launch("deepspeed_zero3.yaml", tmp_path, f"output_dir={out}", "epochs=1", f"model_overrides.mixer={mixer}")
     assert (out / "reconstructions" / "epoch-0000.png").exists()
     assert [m for m in read_metrics(out) if "val_loss" in m]
     check_export(out)

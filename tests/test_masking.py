@@ -141,3 +141,16 @@ def test_the_pretraining_stage_names_a_bad_sampling_setting():
     with pytest.raises(ConfigError, match="mask_sampling=grid .* mask_ratio=0.75"):
         load_config(PretrainConfig, overrides=["mask_sampling=grid", "mask_ratio=0.5"])
     assert load_config(PretrainConfig, overrides=["mask_sampling=block", "mask_ratio=0.9"]).mask_sampling == "block"
+
+
+@pytest.mark.parametrize("sampling", ["block", "grid"])
+def test_structured_masks_follow_torchs_generator_only(sampling):
+    """Block and grid masks are a function of torch's RNG state (which checkpoints save, so a
+    resumed run draws the same masks) and leave Python's global generator alone."""
+    py_state = random.getstate()
+    torch.manual_seed(11)
+    a = mask_noise(sampling, 16, 8, 0.75)
+    torch.manual_seed(11)
+    b = mask_noise(sampling, 16, 8, 0.75)
+    assert torch.equal(a, b) and not torch.equal(a, mask_noise(sampling, 16, 8, 0.75))
+    assert random.getstate() == py_state
