@@ -3,8 +3,10 @@ that has the decoder (the official {'model': ...} files, e.g. mae_visualize_vit_
 
     python -m pipelines.reconstruct runs/pt photo.jpg --mask-ratio 0.5 0.75 0.9 --out rec.png
 
-One row per image: the original, then for each mask ratio the masked input and the output
-with the visible patches pasted back, in pixels (un-normalised). Images of another size
+    python -m pipelines.reconstruct runs/pt photo.jpg --mask-ratio 0.75 --mask-sampling random block grid --out rec.png
+
+One row per image: the original, then for each mask sampling and ratio the masked input
+and the output with the visible patches pasted back, in pixels (un-normalised). Images of another size
 than the model's are resized (short side, bicubic) and centre-cropped, with a note.
 """
 
