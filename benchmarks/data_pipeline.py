@@ -63,7 +63,7 @@ def cpu_name() -> str:
 
 def prepare(work: Path) -> dict[str, Path]:
     """ImageFolder layouts of the photos (a) and their 4032 x 3024 versions (b), and one shard of each."""
-    folders = {"a": work / "a" / "photos", "b": work / "b" / "photos"}
+    folders = {"a": work / "photos-a" / "all", "b": work / "photos-b" / "all"}  # ImageFolder: one class
     if not folders["a"].exists():
         folders["a"].mkdir(parents=True)
         with tarfile.open(PHOTOS) as tar:
@@ -77,8 +77,8 @@ def prepare(work: Path) -> dict[str, Path]:
             img = img.resize((4032, 3024) if img.width >= img.height else (3024, 4032), Image.BICUBIC)
             img.save(folders["b"] / path.name, format="JPEG", quality=90)
     for case, folder in folders.items():
-        if not (work / case / "shards" / "train-index.json").exists():
-            build_shards(folder.parent, work / case / "shards", samples_per_shard=1000, shuffle=False,
+        if not (work / f"shards-{case}" / "train-index.json").exists():
+            build_shards(folder.parent, work / f"shards-{case}", samples_per_shard=1000, shuffle=False,
                          labelled=True, workers=2)  # fmt: skip
     return folders
 
@@ -110,7 +110,7 @@ def loader_part(work: Path, passes: dict[str, int]) -> dict:
         theirs, ours = [], []
         for p in range(passes[case]):
             theirs.append(torchvision_pass(folder))
-            ours.append(ours_pass(work / case / "shards", p))
+            ours.append(ours_pass(work / f"shards-{case}", p))
         out[case] = {"torchvision_img_s": theirs, "ours_img_s": ours,
                      "ratio_of_medians": statistics.median(ours) / statistics.median(theirs)}  # fmt: skip
         print(f"loader ({case}): torchvision {statistics.median(theirs):.1f} img/s, ours {statistics.median(ours):.1f} "
