@@ -10,8 +10,9 @@ loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip
         Normalize. Ours: ShardLoader over shards of the same files, uint8 batches normalised
         by ``to_model_input`` in the main process. One loader worker each, so img/s is per
         core of decoding and augmentation; passes alternate between the two.
-build   ``build_shards`` of the (a) photos with 1 and with 2 worker processes, alternating;
-        the outputs must be byte-identical.
+build   ``build_shards`` of the (b) photos with 1 and with 2 worker processes, alternating;
+        the outputs must be byte-identical. (The 256 (a) photos build in about 0.4 s, too
+        short a run: starting the worker processes then weighs as much as the work.)
 scales  why decoding uses the DCT scales 1, 1/2, 1/4, 1/8 only: libjpeg-turbo's decode speed
         of the (a) photos at each n/8, and how far each scale's pixels are from the full-size
         decode resized (bicubic, antialiased) to the same size, in mean absolute grey levels.
@@ -62,7 +63,7 @@ def cpu_name() -> str:
 
 def prepare(work: Path) -> dict[str, Path]:
     """ImageFolder layouts of the photos (a) and their 4032 x 3024 versions (b), and one shard of each."""
-    folders = {"a": work / "a" / "photos", "b": work / "b" / "photos"}
+    folders = {"a": work / "photos-a" / "all", "b": work / "photos-b" / "all"}  # ImageFolder: one class
     if not folders["a"].exists():
         folders["a"].mkdir(parents=True)
         with tarfile.open(PHOTOS) as tar:
@@ -76,8 +77,8 @@ def prepare(work: Path) -> dict[str, Path]:
             img = img.resize((4032, 3024) if img.width >= img.height else (3024, 4032), Image.BICUBIC)
             img.save(folders["b"] / path.name, format="JPEG", quality=90)
     for case, folder in folders.items():
-        if not (work / case / "shards" / "train-index.json").exists():
-            build_shards(folder.parent, work / case / "shards", samples_per_shard=1000, shuffle=False,
+        if not (work / f"shards-{case}" / "train-index.json").exists():
+            build_shards(folder.parent, work / f"shards-{case}", samples_per_shard=1000, shuffle=False,
                          labelled=True, workers=2)  # fmt: skip
     return folders
 
@@ -109,7 +110,7 @@ def loader_part(work: Path, passes: dict[str, int]) -> dict:
         theirs, ours = [], []
         for p in range(passes[case]):
             theirs.append(torchvision_pass(folder))
-            ours.append(ours_pass(work / case / "shards", p))
+            ours.append(ours_pass(work / f"shards-{case}", p))
         out[case] = {"torchvision_img_s": theirs, "ours_img_s": ours,
                      "ratio_of_medians": statistics.median(ours) / statistics.median(theirs)}  # fmt: skip
         print(f"loader ({case}): torchvision {statistics.median(theirs):.1f} img/s, ours {statistics.median(ours):.1f} "
@@ -118,7 +119,7 @@ def loader_part(work: Path, passes: dict[str, int]) -> dict:
 
 
 def build_part(work: Path, rounds: int) -> dict:
-    src = prepare(work)["a"].parent
+    src = prepare(work)["b"].parent
     times: dict[int, list[float]] = {1: [], 2: []}
     outputs = {}
     for _ in range(rounds):
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "data_pipeline_bench"))
     parser.add_argument("--passes-a", type=int, default=3)
     parser.add_argument("--passes-b", type=int, default=1)
-    parser.add_argument("--build-rounds", type=int, default=2)
+    parser.add_argument("--build-rounds", type=int, default=1)
     parser.add_argument("--stage-epochs", type=int, default=2)
     parser.add_argument("--bare-steps", type=int, default=20)
     parser.add_argument("--json", default=None)
