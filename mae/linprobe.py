@@ -156,7 +156,7 @@ def fit_head_on_features(
     steps_per_epoch = train.batches_per_epoch(0)
     total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
     lr0, batch = base_lr(cfg, accelerator.num_processes), train.batch_size
-    metrics = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process)
+    metrics = MetricsLogger(accelerator, cfg)
     accelerator.print(f"cached probe: {len(train.features)} features x {cfg.epochs} epochs, {steps_per_epoch} steps "
                       f"of {batch} per epoch, lr {lr0:.3e}")  # fmt: skip
     loss_sum, seen, start, step = torch.zeros((), device=accelerator.device), 0, time.perf_counter(), 0
