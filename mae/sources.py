@@ -25,7 +25,7 @@ from .checkpoint import find_latest, load_weights
 from .config import ConfigError, config_from_mapping
 from .data.decode import UndecodableImage, decode_rgb
 from .data.pipeline import DataError, ShardLoader
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, to_model_input
 from .encoder import ENCODER_FILE, encoder_metadata
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
 from .pretrain import PretrainConfig, model_config
@@ -297,4 +297,4 @@ def shard_images(spec: str, img_size: int, count: int) -> torch.Tensor:
         raise SourceError(f"--data {spec}: {err}") from None
     if batch is None:
         raise SourceError(f"--data {spec}: no readable image in the shards")
-    return batch["image"][:count]
+    return to_model_input(batch["image"][:count], "cpu")  # the loader's batches are uint8
