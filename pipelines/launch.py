@@ -34,7 +34,7 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
     log_with = tracker_names(cfg.report_to)
     import torch
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
 
     plugin = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -45,7 +45,11 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
         plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.accum_iter)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad or 0.0  # 0: DeepSpeed does not clip
-    precision = resolve_precision(cfg.mixed_precision, PartialState().device, deepspeed=plugin is not None)
+    # The device precision is resolved for. This call sets up the process group that the
+    # Accelerator then reuses: ``cpu`` as Accelerate reads it, else each CPU process of a
+    # multi-process launch would form a group of its own.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    precision = resolve_precision(cfg.mixed_precision, state.device, deepspeed=plugin is not None)
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
                               deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:
