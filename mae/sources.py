@@ -25,7 +25,7 @@ from .checkpoint import find_latest, load_weights
 from .config import ConfigError, config_from_mapping
 from .data.decode import UndecodableImage, decode_rgb
 from .data.pipeline import DataError, ShardLoader
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, to_model_input
+from .data.transforms import eval_transform, to_model_input
 from .encoder import ENCODER_FILE, encoder_metadata
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
 from .pretrain import PretrainConfig, model_config
@@ -269,7 +269,6 @@ def read_images(paths: list[str], img_size: int) -> tuple[torch.Tensor, list[str
     image that was not already that size: its short side is resized (bicubic) to
     ``img_size`` and the centre cropped, so the whole width or height stays in view."""
     resize = T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)])
-    to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     images, notes = [], []
     for name in paths:
         path = Path(name)
@@ -283,8 +282,8 @@ def read_images(paths: list[str], img_size: int) -> tuple[torch.Tensor, list[str
             notes.append(f"{name} is {img.width}x{img.height}, the model takes {img_size}x{img_size}: "
                          f"resized (short side to {img_size}, bicubic) and centre-cropped")  # fmt: skip
             img = resize(img)
-        images.append(to_tensor(img))
-    return torch.stack(images), notes
+        images.append(T.functional.pil_to_tensor(img))  # uint8, normalised below as every batch is
+    return to_model_input(torch.stack(images), "cpu"), notes
 
 
 def shard_images(spec: str, img_size: int, count: int) -> torch.Tensor:
