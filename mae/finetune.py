@@ -39,7 +39,6 @@ class FinetuneConfig(DownstreamConfig):
 
     output_dir: str = "runs/finetune"
     img_size: int | None = None  # fine-tune at another resolution; position embeddings are interpolated
-    global_pool: str = "token"  # "token" (the cls token, as the probe reads) or "avg" (with fc_norm, the paper's)
     drop_path: float = 0.0
     layer_decay: float = 0.85  # lr of block i scaled by layer_decay^(depth + 1 - i)
     epochs: int = 3
