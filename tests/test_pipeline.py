@@ -551,3 +551,8 @@ def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches
     trained = {label for b in reference[:skip] for label in b["label"].tolist()}
     assert decoded == {label for b in batches for label in b["label"].tolist()}
     assert not decoded & trained
+    # after any number of batches, odd ones too (the next batch then belongs to another
+    # worker than the loader's first), the rest comes in the uninterrupted order
+    for k in range(1, len(reference)):
+        resumed.set_epoch(1, skip_batches=k)
+        assert [b["label"].tolist() for b in resumed] == [b["label"].tolist() for b in reference[k:]], f"skip {k}"

@@ -142,13 +142,18 @@ class StreamContext:
     rank: int = 0
     world_size: int = 1
     skip_batches: tuple[int, ...] = ()  # per worker: batches a resumed run already trained on
+    # The DataLoader takes its first batch from its worker process 0; a resumed run whose next
+    # batch belongs to worker k lets process i play worker (i + k) % workers, which keeps the
+    # uninterrupted run's order of batches.
+    worker_offset: int = 0
 
     def skipped(self, worker: int) -> int:
         return self.skip_batches[worker] if worker < len(self.skip_batches) else 0
 
     def worker(self) -> tuple[int, int]:
+        """(the worker this process plays, workers): every step splits and seeds itself by it."""
         info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        return ((info.id + self.worker_offset) % info.num_workers, info.num_workers) if info is not None else (0, 1)
 
     def rng(self, purpose: str) -> random.Random:
         worker, _ = self.worker()
@@ -507,14 +512,18 @@ class ShardLoader:
         self.ctx.epoch = epoch
         remaining = self.worker_batches(epoch)
         skips = [0] * len(remaining)
-        left = skip_batches
+        left, last = skip_batches, -1
         while left > 0 and any(r > 0 for r in remaining):
             for w in range(len(remaining)):
                 if left > 0 and remaining[w] > 0:
                     skips[w] += 1
                     remaining[w] -= 1
                     left -= 1
+                    last = w
         self.ctx.skip_batches = tuple(skips)
+        # the worker whose batch comes next: the first after ``last``, in turn, with batches left
+        n = len(remaining)
+        self.ctx.worker_offset = next((w % n for w in range(last + 1, last + 1 + n) if remaining[w % n] > 0), 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # A fresh generator per epoch fixes the workers' seeds, hence the augmentations,
