@@ -37,6 +37,11 @@ class RunConfig:
 
     output_dir: str = "runs/pretrain"
     epochs: int = 4
+    # Either bound ends the run and the lr schedule is planned over it: max_steps optimiser
+    # steps (then epochs no longer counts), or max_minutes of wall clock from the loop's start,
+    # whichever of the planned steps and epochs comes first (see ``Trainer._plan``).
+    max_steps: int | None = None
+    max_minutes: float | None = None
     batch_size: int = 64  # per process
     accum_iter: int = 1  # micro-batches per optimiser step
     blr: float = 1.5e-4  # base lr: lr = blr * effective_batch / 256
@@ -75,6 +80,10 @@ class RunConfig:
             raise ValueError("blr and lr must be positive")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 or null, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive or null, got {self.max_minutes}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be positive or null, got {self.clip_grad}")
 
@@ -249,7 +258,8 @@ class Trainer:
                 f"(batch_size={cfg.batch_size} x {self.world} process(es)): no optimiser step would ever run"
             )
         self.steps_per_epoch = micro // cfg.accum_iter
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.clock = Clock(cfg.max_minutes)
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.base_lr = base_lr(cfg, self.world)
 
@@ -278,6 +288,9 @@ class Trainer:
         if resume_from is not None:
             state = load_training_state(acc, resume_from, self.optimizer)
             start_step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
+            self.clock.restore(state, max_steps=self.total_steps)
+            if self.clock.planned:
+                self.total_steps = state["total_steps"]
             acc.print(f"resumed from {resume_from} at epoch {start_epoch}, step {start_step}")
         metrics = MetricsLogger(acc, cfg, resume_step=start_step if resume_from is not None else None)
         acc.print(
@@ -287,44 +300,56 @@ class Trainer:
         )  # fmt: skip
         acc.print(f"{self.steps_per_epoch} optimiser steps per epoch, {self.total_steps} in all, "
                   f"{self.warmup_steps} of warm-up")  # fmt: skip
+        if self.clock.seconds is not None and not self.clock.planned:
+            acc.print(f"max_minutes={cfg.max_minutes:g}: the step count is planned from the time of up to "
+                      f"{Clock.TIMED} steps after the first {Clock.WARM}")  # fmt: skip
         unseen = self.loader.unseen_per_epoch(0)
         if unseen:
             acc.print(f"warning: shards split unevenly across {self.world} ranks; about {unseen} samples "
                       "per epoch go unread (use a shard count divisible by processes x workers)")  # fmt: skip
 
         step, epoch, result = start_step, start_epoch, FitResult(start_step, start_epoch)
+        self.clock.start(first_step=start_step)
         with StopSignal() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
+            while (step < self.total_steps and (cfg.max_steps or epoch < cfg.epochs)
+                   and not self._any(self.clock.spent())):  # fmt: skip
                 first = step
-                step, stopped, last = self._train_epoch(epoch, step, skip_steps if epoch == start_epoch else 0,
-                                                        metrics, stop)  # fmt: skip
+                done_before = skip_steps if epoch == start_epoch else 0
+                step, ended, last = self._train_epoch(epoch, step, done_before, metrics, stop)
                 result.last_metrics.update(last)
                 if last.get("skipped") or last.get("converted"):
                     acc.print(f"epoch {epoch} data: {data_counts(last)}")
-                if stopped:  # mid-epoch: the resumed run's loader skips this epoch's first steps
-                    done_before = skip_steps if epoch == start_epoch else 0
-                    self._save(step, epoch, done_before + step - first)
+                in_epoch = done_before + step - first  # optimiser steps of this epoch done
+                if ended == "signal":  # mid-epoch: the resumed run's loader skips this epoch's first steps
+                    self._save(step, epoch, in_epoch)
                     acc.print(f"stopped by signal {stop.received}: checkpoint at step {step}; resume=auto continues")
                     metrics.close()
                     return FitResult(step, epoch, True, result.last_metrics)
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                if ended == "time":
+                    acc.print(f"max_minutes={cfg.max_minutes:g} spent at step {step} of the {self.total_steps} planned")
+                last_epoch = step >= self.total_steps or ended == "time" or (not cfg.max_steps and epoch + 1 >= cfg.epochs)
+                if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
                     evaluation = self.task.evaluate(self.model, epoch)
                     if evaluation:
                         metrics.log(step, epoch=epoch, **evaluation)
                         result.last_metrics.update(evaluation)
                         acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
-                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                    self._save(step, epoch + 1, 0)
+                whole = ended is None  # not cut by max_steps or max_minutes
+                if (epoch + 1) % cfg.save_every == 0 or last_epoch:  # a cut epoch resumes where it was cut
+                    self._save(step, epoch + 1 if whole else epoch, 0 if whole else in_epoch)
+                epoch += 1
         weights = acc.get_state_dict(self.model)  # collective: complete even when ZeRO-3 shards it
         if acc.is_main_process:
             self.task.finish(acc.unwrap_model(self.model), self.output_dir, weights)
         acc.wait_for_everyone()
         metrics.close()
-        return FitResult(step, cfg.epochs, False, result.last_metrics)
+        return FitResult(step, epoch, False, result.last_metrics)
 
     def _train_epoch(
         self, epoch: int, step: int, skip_steps: int, metrics: MetricsLogger, stop: StopSignal
-    ) -> tuple[int, bool, dict[str, Any]]:
+    ) -> tuple[int, str | None, dict[str, Any]]:
+        """Returns the step reached, why the epoch ended early ("signal", "time", "steps": the
+        planned total came first; None: it did not) and the last metrics line."""
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
         self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: those are not decoded again
@@ -332,7 +357,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
         # Only whole optimiser steps: leftover micro-batches would leak gradient into the next epoch.
-        budget = min(self.loader.batches_per_epoch(epoch) // accum, self.steps_per_epoch) * accum
+        whole = min(self.loader.batches_per_epoch(epoch) // accum, self.steps_per_epoch)
+        budget = min(whole, skip_steps + self.total_steps - step) * accum
         skip = skip_steps * accum
         bar = tqdm(total=budget, initial=skip, desc=f"epoch {epoch}", disable=not (acc.is_main_process and cfg.progress),
                    mininterval=1.0, dynamic_ncols=True)  # fmt: skip
@@ -352,6 +378,8 @@ class Trainer:
                 continue
             # -- once per optimiser step
             step += 1
+            if self.clock.seconds is not None and not self.clock.planned:
+                self._plan(step, window)
             logged = step % cfg.log_every == 0 or micro + 1 == budget
             if logged:  # the only host reads of the loop: the loss window and the guard
                 self.guard.check(epoch, step)
@@ -360,9 +388,45 @@ class Trainer:
             # ranks agree on a stop at log steps; alone, every step is free to look
             if (logged or self.world == 1) and self._any(stop.received is not None):
                 bar.close()
-                return step, True, last
+                return step, "signal", last
+            if self.clock.seconds is not None and (logged or self.world == 1) and self._any(self.clock.spent()):
+                if not logged:
+                    last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
+                bar.close()
+                return step, "time", last
         bar.close()
-        return step, False, last
+        return step, ("steps" if budget < whole * accum else None), last
+
+    def _plan(self, step: int, window: "LogWindow") -> None:
+        """max_minutes: time this process's steps after the first WARM (compilation, caches) until
+        TIMED steps or a tenth of the budget have passed, then fix the step count that fits in
+        the rest of the budget at the slowest rank's pace and plan the lr over it. Fixed once
+        and saved in checkpoints, so a resumed run follows the same schedule."""
+        clock = self.clock
+        if step - clock.first_step < Clock.WARM:
+            return
+        if step - clock.first_step == Clock.WARM:
+            window.loss.item()  # a host read: whatever the device still had queued is done
+            clock.mark, clock.mark_step = time.perf_counter(), step
+            return
+        timed = step - clock.mark_step
+        enough = timed >= Clock.TIMED or time.perf_counter() - clock.mark >= clock.seconds / 10
+        if self.world > 1:  # every rank plans at the same step
+            enough = self._any(enough)
+        if not enough:
+            return
+        window.loss.item()
+        pace = torch.tensor([(time.perf_counter() - clock.mark) / timed], device=self.acc.device)
+        if self.world > 1:
+            pace = self.acc.reduce(pace, reduction="max")
+        per_step = max(float(pace.item()), 1e-9)
+        fits = step + int(max(0.0, clock.seconds - clock.elapsed()) / per_step)
+        previous, self.total_steps = self.total_steps, max(step, min(self.total_steps, fits))
+        clock.planned = True
+        self.acc.print(f"max_minutes={self.cfg.max_minutes:g}: {per_step:.3f} s per step over steps {clock.mark_step + 1}-"
+                       f"{step} -> {self.total_steps} optimiser steps planned ({self.total_steps / self.steps_per_epoch:.1f} "
+                       "epochs" + (", capped by epochs/max_steps" if self.total_steps == previous else "") + ")",
+                       flush=True)  # fmt: skip
 
     # -- per micro-batch
 
@@ -426,6 +490,7 @@ class Trainer:
             "loss": loss_sum / max(1, n),
             "lr": lr,
             "images_per_sec": images / elapsed if elapsed > 0 else 0.0,
+            "elapsed_s": round(self.clock.elapsed(), 3),  # the loop's wall clock, carried across resumes
             "skipped": sum(skipped.values()),  # dropped
             "converted": sum(converted.values()),  # kept, converted to RGB
         }
@@ -447,7 +512,8 @@ class Trainer:
 
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
         self.guard.check(epoch, step)  # never save weights that a cancelled step stands behind
-        state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg)}
+        state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg),
+                 "total_steps": self.total_steps, **self.clock.state()}  # fmt: skip
         save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
                         state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
 
@@ -459,6 +525,36 @@ def data_counts(record: dict[str, Any]) -> str:
 
     return (f"skipped {part(record.get('skipped', 0), record.get('skipped_by_reason', {}))}, "
             f"converted to RGB {part(record.get('converted', 0), record.get('converted_by_mode', {}))}")  # fmt: skip
+
+
+class Clock:
+    """The loop's wall clock and, under ``max_minutes``, its budget. Elapsed time and whether the
+    step count was planned travel in checkpoints, so a resumed run spends what is left."""
+
+    WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at most this many timed to plan
+
+    def __init__(self, max_minutes: float | None) -> None:
+        self.seconds = None if max_minutes is None else max_minutes * 60.0
+        self.planned, self.before, self.first_step = False, 0.0, 0
+        self.origin = self.mark = time.perf_counter()
+        self.mark_step = 0
+
+    def start(self, first_step: int) -> None:
+        self.first_step, self.origin = first_step, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.origin
+
+    def spent(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+    def state(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed(), "planned": self.planned}
+
+    def restore(self, state: dict[str, Any], max_steps: int) -> None:
+        self.before = float(state.get("elapsed_s", 0.0))
+        # a plan made under another bound (or none) is not this run's plan
+        self.planned = bool(state.get("planned")) and self.seconds is not None and state["total_steps"] <= max_steps
 
 
 class LogWindow:

@@ -152,6 +152,9 @@ def fit_head_on_features(
     schedule and LARS steps are the shared loop's. No checkpoints: it takes seconds."""
     if cfg.resume:
         accelerator.print(f"resume={cfg.resume}: the cached probe retrains its head from the features (seconds)")
+    if cfg.max_steps is not None or cfg.max_minutes is not None:
+        accelerator.print("max_steps/max_minutes do not apply to the cached probe: its head trains all "
+                          f"{cfg.epochs} epochs (seconds); cached_features=false trains through the loop that has them")  # fmt: skip
     head.to(accelerator.device).train()
     steps_per_epoch = train.batches_per_epoch(0)
     total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)

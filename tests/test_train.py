@@ -199,6 +199,59 @@ def test_compiled_run_keeps_plain_names_and_resumes_exactly(tmp_path):
     vit.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
 
 
+def test_max_minutes_plans_the_schedule_once_and_resumes_on_it(tmp_path):
+    """max_minutes: the step count is planned from the measured step time, saved, and kept by a
+    resumed run (SIGTERM after the plan); every loss equals a run told max_steps=N outright,
+    which also ends mid-epoch with its lr at 0 and a checkpoint that resumes inside the epoch."""
+    from mae.checkpoint import load_plain
+    from mae.optim import lr_at
+
+    small = ["model_overrides.depth=1", "data.val=", "epochs=1000", "warmup_epochs=4",  # 64 steps: past the plan
+             "data.train=shards/cifar10/test-{000000..000001}.tar"]  # 16 steps an epoch
+    timed, fixed = tmp_path / "timed", tmp_path / "fixed"
+    budget = "max_minutes=0.3"  # the plan comes after 10 steps + 1.8 s (a tenth) or 40 steps
+    proc = subprocess.Popen(stage(timed, *small, budget), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = []
+        while not any("optimiser steps planned" in line for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "the run ended before its plan"
+        proc.send_signal(signal.SIGTERM)  # right after the plan
+        out, err = proc.communicate(timeout=120)
+        out = "".join(lines) + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    assert "optimiser steps planned" in out
+    state = load_plain(list_checkpoints(timed)[-1] / "state.pt")
+    planned = state["total_steps"]
+    assert state["planned"] and 50 <= planned < 16 * 1000 and state["elapsed_s"] > 0
+    resumed = run(timed, *small, budget, "resume=auto")
+    assert "optimiser steps planned" not in resumed.stdout  # the saved plan, not a new one
+    losses = train_losses(timed)
+    last = max(losses)
+    assert last == planned or ("spent at step" in resumed.stdout and last < planned)
+    assert sorted(losses) == list(range(1, last + 1))
+    elapsed = [m["elapsed_s"] for m in read_metrics(timed) if "loss" in m]
+    assert elapsed == sorted(elapsed) and elapsed[-1] < 0.3 * 60 + 10  # carried across the resume
+
+    run(fixed, *small, f"max_steps={planned}")
+    reference = train_losses(fixed)
+    assert sorted(reference) == list(range(1, planned + 1))
+    assert [losses[k] for k in sorted(losses)] == pytest.approx([reference[k] for k in sorted(losses)], rel=1e-5, abs=1e-6)
+    # warm-up over 4 epochs, then the cosine planned to end at the planned step (each line
+    # logs the rate its step used: that of the step count before it)
+    schedule = dict(base_lr=1.5e-3 * 32 / 256, warmup_steps=64, total_steps=planned)
+    for log in (read_metrics(fixed), read_metrics(timed)):
+        assert [m["lr"] for m in log if "loss" in m] == pytest.approx(
+            [lr_at(m["step"] - 1, **schedule) for m in log if "loss" in m], rel=1e-6)
+    state = load_plain(list_checkpoints(fixed)[-1] / "state.pt")
+    assert (state["step"], state["step_in_epoch"]) == (planned, planned % 16)  # mid-epoch: resumes inside it
+    assert (fixed / "encoder.safetensors").exists()
+
+
 def test_accum_iter_longer_than_an_epoch_is_an_error(tmp_path):
     proc = run(tmp_path / "run", "accum_iter=40", check=False)
     assert proc.returncode == 2
