@@ -379,8 +379,9 @@ class Trainer:
             # -- once per optimiser step
             step += 1
             if self.clock.seconds is not None and not self.clock.planned:
-                self._plan(step, window)
-            logged = step % cfg.log_every == 0 or micro + 1 == budget
+                self._plan(step, window)  # may shorten the run to fewer steps than this epoch holds
+            planned_end = step >= self.total_steps
+            logged = step % cfg.log_every == 0 or micro + 1 == budget or planned_end
             if logged:  # the only host reads of the loop: the loss window and the guard
                 self.guard.check(epoch, step)
                 last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
@@ -394,6 +395,9 @@ class Trainer:
                     last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
                 bar.close()
                 return step, "time", last
+            if planned_end:  # the same step on every rank
+                bar.close()
+                return step, ("steps" if micro + 1 < whole * accum else None), last
         bar.close()
         return step, ("steps" if budget < whole * accum else None), last
 
