@@ -301,8 +301,8 @@ class Trainer:
         acc.print(f"{self.steps_per_epoch} optimiser steps per epoch, {self.total_steps} in all, "
                   f"{self.warmup_steps} of warm-up")  # fmt: skip
         if self.clock.seconds is not None and not self.clock.planned:
-            acc.print(f"max_minutes={cfg.max_minutes:g}: the step count is planned from the time of up to "
-                      f"{Clock.TIMED} steps after the first {Clock.WARM}")  # fmt: skip
+            acc.print(f"max_minutes={cfg.max_minutes:g}: the step count is planned from the time of the steps after "
+                      f"the first {Clock.WARM}: at least {Clock.TIMED} steps and 5% of the budget, at most 10%")  # fmt: skip
         unseen = self.loader.unseen_per_epoch(0)
         if unseen:
             acc.print(f"warning: shards split unevenly across {self.world} ranks; about {unseen} samples "
@@ -403,7 +403,7 @@ class Trainer:
 
     def _plan(self, step: int, window: "LogWindow") -> None:
         """max_minutes: time this process's steps after the first WARM (compilation, caches) until
-        TIMED steps or a tenth of the budget have passed, then fix the step count that fits in
+        TIMED steps and a twentieth of the budget, or a tenth, have passed; then fix the step count that fits in
         the rest of the budget at the slowest rank's pace and plan the lr over it. Fixed once
         and saved in checkpoints, so a resumed run follows the same schedule."""
         clock = self.clock
@@ -413,8 +413,13 @@ class Trainer:
             window.loss.item()  # a host read: whatever the device still had queued is done
             clock.mark, clock.mark_step = time.perf_counter(), step
             return
+        if self.world > 1 and step % self.cfg.log_every:  # ranks decide together, at log steps only
+            return
         timed = step - clock.mark_step
-        enough = timed >= Clock.TIMED or time.perf_counter() - clock.mark >= clock.seconds / 10
+        seconds = time.perf_counter() - clock.mark
+        # long enough for the loader's prefetched batches to run out: a loader-bound run is
+        # fast only while they last, and a plan from that pace would outrun the budget
+        enough = seconds >= clock.seconds / 10 or (timed >= Clock.TIMED and seconds >= clock.seconds / 20)
         if self.world > 1:  # every rank plans at the same step
             enough = self._any(enough)
         if not enough:
@@ -535,7 +540,7 @@ class Clock:
     """The loop's wall clock and, under ``max_minutes``, its budget. Elapsed time and whether the
     step count was planned travel in checkpoints, so a resumed run spends what is left."""
 
-    WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at most this many timed to plan
+    WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at least this many timed to plan
 
     def __init__(self, max_minutes: float | None) -> None:
         self.seconds = None if max_minutes is None else max_minutes * 60.0

@@ -209,7 +209,7 @@ def test_max_minutes_plans_the_schedule_once_and_resumes_on_it(tmp_path):
     small = ["model_overrides.depth=1", "data.val=", "epochs=1000", "warmup_epochs=4",  # 64 steps: past the plan
              "data.train=shards/cifar10/test-{000000..000001}.tar"]  # 16 steps an epoch
     timed, fixed = tmp_path / "timed", tmp_path / "fixed"
-    budget = "max_minutes=0.3"  # the plan comes after 10 steps + 1.8 s (a tenth) or 40 steps
+    budget = "max_minutes=0.3"  # the plan comes after 10 steps + 40 steps and 0.9 s, or 1.8 s
     proc = subprocess.Popen(stage(timed, *small, budget), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
