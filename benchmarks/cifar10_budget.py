@@ -49,9 +49,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pretrain_step import peer_config  # noqa: E402
+from benchmarks.pretrain_step import cpu_name, peer_config  # noqa: E402
 from mae.models.mae_vit import preset_config  # noqa: E402
 from mae.optim import lr_at, param_groups  # noqa: E402
+from mae.precision import cpu_flags  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -60,11 +61,8 @@ RECIPE = ROOT / "pipelines" / "configs" / "mae_vit_tiny_cifar10.yaml"
 
 
 def machine() -> str:
-    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")), "unknown CPU")  # fmt: skip
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(simd)}, torch {torch.__version__}"
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return f"{cpu_name()}, {os.cpu_count()} cores, {' '.join(simd)}, torch {torch.__version__}"
 
 
 # -- data

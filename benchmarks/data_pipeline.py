@@ -48,17 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 from mae.data.pipeline import ShardLoader  # noqa: E402
 from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform, to_model_input  # noqa: E402
+from benchmarks.pretrain_step import cpu_name  # noqa: E402
 from shards.build import build_shards  # noqa: E402
 
 PHOTOS = Path("/work/shared/datasets/imagenet-sample-256.tar")
 SIZE, BATCH = 224, 64
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def prepare(work: Path) -> dict[str, Path]:

@@ -399,7 +399,7 @@ class Trainer:
                 bar.close()
                 return step, ("steps" if micro + 1 < whole * accum else None), last
         bar.close()
-        return step, ("steps" if budget < whole * accum else None), last
+        return step, None, last  # a budget cut short by the planned total ends at ``planned_end`` above
 
     def _plan(self, step: int, window: "LogWindow") -> None:
         """max_minutes: time this process's steps after the first WARM (compilation, caches) until
