@@ -49,7 +49,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pretrain_step import cpu_name, peer_config  # noqa: E402
+from benchmarks.pretrain_step import cpu_name, peer_config, peer_model  # noqa: E402
 from mae.models.mae_vit import preset_config  # noqa: E402
 from mae.optim import lr_at, param_groups  # noqa: E402
 from mae.precision import cpu_flags  # noqa: E402
@@ -109,10 +109,9 @@ def train_peer(images: Path, minutes: float, seed: int, out: Path, peak: float =
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision import transforms as T
-    from transformers import ViTMAEForPreTraining
 
     torch.manual_seed(seed)
-    model = ViTMAEForPreTraining(peer_config(preset_config(PRESET))).train()
+    model = peer_model(preset_config(PRESET))
     tf = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])  # fmt: skip
     loader = DataLoader(datasets.ImageFolder(str(images / "train"), tf), batch_size=128, shuffle=True, num_workers=1,

@@ -174,11 +174,9 @@ def bare_step(steps: int, peer: bool = False) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_model(cfg).train()
     if peer:
-        from transformers import ViTMAEForPreTraining
+        from benchmarks.pretrain_step import adamw, peer_model
 
-        from benchmarks.pretrain_step import adamw, peer_config
-
-        net = ViTMAEForPreTraining(peer_config(model.cfg)).train()
+        net = peer_model(model.cfg)
         forward = lambda x: net(pixel_values=x).loss  # noqa: E731
         opt = adamw(net)
     else:

@@ -108,6 +108,26 @@ def peer_config(cfg: MAEConfig) -> ViTMAEConfig:
     )
 
 
+def peer_model(cfg: MAEConfig) -> ViTMAEForPreTraining:
+    """HF's ``ViTMAEForPreTraining`` for ``cfg``'s network, initialised as HF's own code intends.
+
+    In transformers 5.x ``post_init`` skips ``ViTMAEEmbeddings.initialize_weights`` (the patch
+    projection is already marked initialised) and zeroes the decoder's position table, so both
+    frozen sin-cos tables stay zero: a model without position information, whose MAE loss
+    stalls near the plateau of predicting the mean patch. Rerunning HF's two initialisers gives
+    the sin-cos tables, the Xavier patch projection and the 0.02-normal tokens of the official
+    code. Step time is the same either way; what a model learns is not.
+    """
+    model = ViTMAEForPreTraining(peer_config(cfg))
+    embeddings, decoder = model.vit.embeddings, model.decoder
+    if not embeddings.position_embeddings.any() or not decoder.decoder_pos_embed.any():
+        embeddings.patch_embeddings.projection._is_hf_initialized = False
+        with torch.no_grad():
+            embeddings.initialize_weights()
+            decoder.initialize_weights(embeddings.patch_embeddings.num_patches)
+    return model.train()
+
+
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -133,7 +153,7 @@ def build_variants(preset: str, names: list[str]) -> tuple[list[Variant], nn.Mod
             def loss(imgs: torch.Tensor, noise: torch.Tensor, m: nn.Module = model) -> torch.Tensor:
                 return m(imgs, noise=noise)[0]
         else:
-            model = ViTMAEForPreTraining(peer_config(create_model(preset).cfg)).train()
+            model = peer_model(create_model(preset).cfg)
             if model.config._attn_implementation != "sdpa":
                 raise RuntimeError(f"ViTMAE was built with {model.config._attn_implementation!r} attention, not sdpa")
             peer_ref = peer_ref or model
