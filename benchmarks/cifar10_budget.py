@@ -4,6 +4,7 @@ this machine, then evaluated the same way.
 
     python benchmarks/cifar10_budget.py --minutes 40 --data /tmp/cifar10-shards --work /tmp/budget
     python benchmarks/cifar10_budget.py --minutes 10 --seed 1 --arms project --work /tmp/budget-s1
+    python benchmarks/cifar10_budget.py --minutes 10 --arms project --set mask_ratio=0.5 --work /tmp/budget-m05
 
 peer      ``ViTMAEForPreTraining`` with the CIFAR preset's shape (ViT-Tiny encoder, 192 wide, 12
           deep, 3 heads, 4 px patches at 32 px; decoder 128 x 2, 4 heads; norm-pix loss; mask
@@ -171,10 +172,10 @@ class PeerFeatures(nn.Module):
 # -- the project arm
 
 
-def train_project(shard_train: str, minutes: float, seed: int, out: Path) -> dict:
+def train_project(shard_train: str, minutes: float, seed: int, out: Path, overrides: list[str]) -> dict:
     run = out / "project"
     cmd = ["accelerate", "launch", "-m", "pipelines.pretrain", "--config", str(RECIPE), f"output_dir={run}",
-           f"data.train={shard_train}", "data.val=", f"max_minutes={minutes:g}", f"seed={seed}", "progress=false"]  # fmt: skip
+           f"data.train={shard_train}", "data.val=", f"max_minutes={minutes:g}", f"seed={seed}", "progress=false", *overrides]  # fmt: skip
     print("project:", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, ACCELERATE_USE_CPU="true"))
@@ -299,6 +300,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="shard folder (built from the JPEGs when empty)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
                     help="folder for cifar10_budget.json and .png")  # fmt: skip
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the project's recipe, to try one before changing the yaml")
     ap.add_argument("--eval-images", type=int, default=0, help="smoke runs: evaluate on about this many images per split")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -306,12 +309,13 @@ def main() -> None:
     arms = args.arms.split(",")
     images = extract(args.work)
     shard_train, _ = shards(images, args.data or args.work / "shards")
-    results: dict = {"minutes": args.minutes, "machine": machine(), "seed": args.seed, "recipe": RECIPE.read_text()}
+    results: dict = {"minutes": args.minutes, "machine": machine(), "seed": args.seed, "recipe": RECIPE.read_text(),
+                     "recipe_overrides": args.set}  # fmt: skip
     trained = {}
     if "peer" in arms:
         trained["peer"] = train_peer(images, args.minutes, args.seed, args.work)
     if "project" in arms:
-        trained["project"] = train_project(shard_train, args.minutes, args.seed, args.work)
+        trained["project"] = train_project(shard_train, args.minutes, args.seed, args.work, args.set)
     print("decoding the evaluation images", flush=True)
     data = {"train": pixels(images / "train"), "test": pixels(images / "test")}
     if args.eval_images:  # a smoke run of the script: a spread-out subset, numbers meaningless
