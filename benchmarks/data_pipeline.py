@@ -4,8 +4,9 @@ scaling with workers, and the pretraining stage end to end against its own bare 
     python benchmarks/data_pipeline.py --parts loader,build,stage --json /tmp/data_pipeline.json
 
 loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip) of the 256
-        ImageNet photos of ../shared/datasets/imagenet-sample-256.tar, (a) as they are and (b)
-        upscaled to 4032 x 3024 and saved as JPEG quality 90 (a phone camera's size). Peer:
+        ImageNet photos of ../shared/datasets/imagenet-sample-256.tar, (a) as they are, each
+        read 4 times per pass (--repeat-a), and (b) upscaled to 4032 x 3024 and saved as JPEG
+        quality 90 (a phone camera's size). Peer:
         torchvision's ImageFolder + DataLoader with the same transform ending in ToTensor +
         Normalize. Ours: ShardLoader over shards of the same files, uint8 batches normalised
         by ``to_model_input`` in the main process. One loader worker each, so img/s is per
@@ -56,7 +57,7 @@ SIZE, BATCH = 224, 64
 
 
 def prepare(work: Path) -> dict[str, Path]:
-    """ImageFolder layouts of the photos (a) and their 4032 x 3024 versions (b), and one shard of each."""
+    """ImageFolder layouts of the photos (a) and their 4032 x 3024 versions (b)."""
     folders = {"a": work / "photos-a" / "all", "b": work / "photos-b" / "all"}  # ImageFolder: one class
     if not folders["a"].exists():
         folders["a"].mkdir(parents=True)
@@ -70,11 +71,28 @@ def prepare(work: Path) -> dict[str, Path]:
             img = Image.open(path).convert("RGB")
             img = img.resize((4032, 3024) if img.width >= img.height else (3024, 4032), Image.BICUBIC)
             img.save(folders["b"] / path.name, format="JPEG", quality=90)
-    for case, folder in folders.items():
-        if not (work / f"shards-{case}" / "train-index.json").exists():
-            build_shards(folder.parent, work / f"shards-{case}", samples_per_shard=1000, shuffle=False,
-                         labelled=True, workers=2)  # fmt: skip
     return folders
+
+
+def loader_inputs(work: Path, repeat: dict[str, int]) -> dict[str, tuple[Path, Path]]:
+    """Per case, the ImageFolder torchvision reads and one shard of the same files for ours.
+    Each photo appears ``repeat[case]`` times (hard links), so that a pass of the small (a)
+    photos lasts long enough to time: 256 photos are 4 batches, of which the steady rate
+    counts 3 (about a third of a second), and single passes then varied by 30%."""
+    out = {}
+    for case, originals in prepare(work).items():
+        folder = work / f"photos-{case}-x{repeat[case]}" / "all"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            for k in range(repeat[case]):
+                for path in sorted(originals.iterdir()):
+                    os.link(path, folder / f"{k}-{path.name}")
+        shards = work / f"shards-{case}-x{repeat[case]}"
+        if not (shards / "train-index.json").exists():
+            build_shards(folder.parent, shards, samples_per_shard=256 * repeat[case], shuffle=False, labelled=True,
+                         workers=2)  # fmt: skip
+        out[case] = (folder, shards / "train-000000.tar")
+    return out
 
 
 def timed(batches) -> dict[str, float]:
@@ -97,22 +115,20 @@ def torchvision_pass(folder: Path) -> dict[str, float]:
     return timed(len(images) for images, _ in loader)
 
 
-def ours_pass(shards: Path, epoch: int) -> dict[str, float]:
-    loader = ShardLoader(str(shards / "train-000000.tar"), pretrain_transform(SIZE), batch_size=BATCH,
-                         num_workers=1, shuffle_buffer=256)  # fmt: skip
+def ours_pass(shard: Path, epoch: int) -> dict[str, float]:
+    loader = ShardLoader(str(shard), pretrain_transform(SIZE), batch_size=BATCH, num_workers=1, shuffle_buffer=256)
     loader.set_epoch(epoch)
     return timed(len(to_model_input(batch["image"], "cpu")) for batch in loader)
 
 
-def loader_part(work: Path, passes: dict[str, int]) -> dict:
-    folders = prepare(work)
+def loader_part(work: Path, passes: dict[str, int], repeat: dict[str, int]) -> dict:
     out = {}
-    for case, folder in folders.items():
+    for case, (folder, shard) in loader_inputs(work, repeat).items():
         theirs, ours = [], []
         for p in range(passes[case]):
             theirs.append(torchvision_pass(folder))
-            ours.append(ours_pass(work / f"shards-{case}", p))
-        out[case] = {"torchvision_img_s": theirs, "ours_img_s": ours}
+            ours.append(ours_pass(shard, p))
+        out[case] = {"images_per_pass": 256 * repeat[case], "torchvision_img_s": theirs, "ours_img_s": ours}
         for kind in ("steady", "whole"):
             mine, peer = statistics.median(r[kind] for r in ours), statistics.median(r[kind] for r in theirs)
             out[case][f"ratio_of_medians_{kind}"] = mine / peer
@@ -228,6 +244,8 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "data_pipeline_bench"))
     parser.add_argument("--passes-a", type=int, default=3)
     parser.add_argument("--passes-b", type=int, default=1)
+    parser.add_argument("--repeat-a", type=int, default=4, help="times each (a) photo is read in one pass")
+    parser.add_argument("--repeat-b", type=int, default=1)
     parser.add_argument("--build-rounds", type=int, default=1)
     parser.add_argument("--stage-epochs", type=int, default=2)
     parser.add_argument("--stage-args", default="", help="extra key=value settings of the stage, e.g. compile=true")
@@ -240,7 +258,8 @@ def main() -> None:
     print(f"{report['cpu']}, {report['cores']} cores, torch {report['torch']}", flush=True)
     parts = args.parts.split(",")
     if "loader" in parts:
-        report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b})
+        report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b},
+                                       {"a": args.repeat_a, "b": args.repeat_b})
     if "build" in parts:
         report["build"] = build_part(work, args.build_rounds)
     if "scales" in parts:

@@ -214,6 +214,45 @@ def corrupt_shards(tmp_path: Path, real_jpegs: dict[str, list[bytes]]) -> tuple[
     return tmp_path, good, expected
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])  # fmt: skip
+def test_tar_members_read_as_tarfile_reads_them_and_faults_are_errors(tmp_path: Path, fmt: int) -> None:
+    """The loader's tar reader gives every regular member's name and bytes as tarfile does,
+    long names (ustar prefix, GNU L member, pax path) and non-ASCII names included, skips
+    directories and links, and raises ReadError for a bad header or a cut archive."""
+    from mae.data.tar_members import read_members
+
+    deep = "/".join(["folder"] * 12)  # 83 characters of directories: a name past 100 bytes
+    members = [(f"{deep}/s{k:03d}.{ext}", bytes([k]) * (k * 97 % 1500)) for k in range(6) for ext in ("jpg", "cls")]
+    members.append(("caf\u00e9-\u00e7a/\u00e9t\u00e9.jpg", b"\xff\xd8 accents"))
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, members[0][0]
+        tar.addfile(link)
+    with open(path, "rb") as f:
+        assert list(read_members(f)) == members
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        third = tar.getmember(members[2][0])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: third.offset_data + 10])  # in the middle of the third member's bytes
+    with open(cut, "rb") as f, pytest.raises(tarfile.ReadError, match="cut short"):
+        list(read_members(f))
+    broken = bytearray(data)
+    broken[third.offset + 10] ^= 0x55  # a flipped bit in a name: the header's checksum no longer holds
+    (tmp_path / "broken.tar").write_bytes(bytes(broken))
+    with open(tmp_path / "broken.tar", "rb") as f, pytest.raises(tarfile.ReadError, match="checksum"):
+        list(read_members(f))
+
+
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
 def test_corrupt_members_and_truncated_tar_are_skipped_counted_and_converted(corrupt_shards, shuffle: bool) -> None:
     """Bad members and a cut tar never stop an epoch; each is counted as skipped; odd modes
@@ -420,6 +459,37 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_path(real_jpegs)
     assert torch.equal(to_model_input(pixels, "cpu"), reference)
     features = torch.randn(4, 16)
     assert to_model_input(features, "cpu") is features or torch.equal(to_model_input(features, "cpu"), features)
+
+
+def test_batches_handed_over_through_shared_slots_equal_pytorchs_own_hand_over(
+        tmp_path: Path, real_jpegs, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Workers stack uint8 batches into shared slots that are reused many times per epoch;
+    every batch the loader gave stays what it was (copied out before its slot is reused)
+    and equals, pixel for pixel and in order, the batches of PyTorch's per-batch hand-over."""
+    from mae.data.batch_slots import BatchSlots
+
+    jpegs = [data for name in sorted(real_jpegs) for data in real_jpegs[name]]
+    for n in range(2):
+        members = [m for k in range(32) for m in ((f"{n}{k:03d}.jpg", jpegs[(n * 32 + k) % len(jpegs)]),
+                                                    (f"{n}{k:03d}.cls", str(n * 32 + k).encode()))]  # fmt: skip
+        write_tar(tmp_path / f"train-{n:06d}.tar", members)
+    write_index(tmp_path, ShardIndex(prefix="train", shards=[ShardEntry(f"train-{n:06d}.tar", 32) for n in range(2)]))
+
+    def epoch() -> tuple[list[dict], ShardLoader]:
+        loader = ShardLoader(str(tmp_path), pretrain_transform(16), batch_size=2, num_workers=2, shuffle_buffer=8)
+        loader.set_epoch(1)
+        return list(loader), loader  # 16 batches per worker: each of its 5 slots is used 3 or 4 times
+
+    slotted, loader = epoch()
+    assert loader.collate.slots is not None and loader.collate.slots.slots == 5
+    monkeypatch.setattr(BatchSlots, "fit", staticmethod(lambda *shape: False))
+    plain, loader = epoch()
+    assert loader.collate.slots is None
+    assert len(slotted) == len(plain) == 32
+    for a, b in zip(slotted, plain):
+        assert a["image"].dtype == torch.uint8 and a["image"].shape == (2, 3, 16, 16)
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["image"], b["image"])
+    assert len({a["image"].data_ptr() for a in slotted}) == 32  # each batch a tensor of its own
 
 
 def gradient_jpeg(width: int, height: int) -> bytes:

@@ -2,7 +2,7 @@
 
     ShardStream      shard list -> shuffled (seed, epoch), split by rank, split by worker
                      (finite mode), or an endless seeded draw of shards (resampled mode)
-    tar_to_samples   tar members grouped into samples; unreadable tars skipped and counted
+    TarSamples       tar members grouped into samples; unreadable tars skipped and counted
     SampleShuffle    buffered shuffle seeded by (seed, epoch, rank, worker)
     SkipTrained      numbers the samples; drops those a resumed run already trained on, undecoded
     DecodeImages     bytes -> transform (uint8 pixels), the random draws seeded by the
@@ -24,6 +24,7 @@ import glob
 import math
 import os
 import random
+import re
 import signal
 import sys
 from collections import Counter, deque
@@ -37,8 +38,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .batch_slots import BatchSlots, SlotRef
 from .decode import UndecodableImage, decode_with_mode, image_key
 from .shard_index import find_indexes
+from .tar_members import read_members
 from .transforms import BytesTransform, Transform
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "hf://")
@@ -216,6 +219,35 @@ class SkipCounter:
         return True
 
 
+class TarSamples:
+    """Second step: shard urls -> samples (member bytes by extension, ``__key__``), each
+    member read in one call (``read_members``). A shard that cannot be opened or read goes
+    to ``handler`` (counted once) and reading goes on with the next; the samples it gave
+    before the fault are kept."""
+
+    META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
+
+    def __init__(self, handler: Callable[[Exception], bool]) -> None:
+        self.handler = handler
+
+    def _members(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in wds.tariterators.url_opener(shards, handler=self.handler):
+            try:
+                try:
+                    for name, data in read_members(shard["stream"]):
+                        if not self.META.match(name):
+                            yield {"fname": name, "data": data, "__url__": shard["url"]}
+                finally:
+                    shard["stream"].close()  # a pipe: its command's failure shows here
+            except Exception as exn:
+                if not self.handler(exn):
+                    raise
+            yield {}  # the shard's end: its last sample is complete
+
+    def __call__(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        return wds.tariterators.group_by_keys(self._members(shards), handler=self.handler)
+
+
 class SampleShuffle:
     def __init__(self, ctx: StreamContext, bufsize: int) -> None:
         self.ctx, self.bufsize = ctx, bufsize
@@ -381,9 +413,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+class Collate:
+    """Samples -> (images, labels). In a loader worker, with ``slots`` set for the epoch,
+    the images go into shared memory mapped once (``BatchSlots``) and only the slot is sent."""
+
+    def __init__(self) -> None:
+        self.slots: BatchSlots | None = None
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | SlotRef, torch.Tensor]:
+        images, labels = zip(*samples)
+        labels = torch.tensor(labels, dtype=torch.long)
+        if self.slots is not None and get_worker_info() is not None:
+            return self.slots.put(images), labels
+        return torch.stack(images), labels
 
 
 # ----------------------------------------------------------------------------- loader
@@ -450,18 +492,19 @@ class ShardLoader:
                 )
             self.samples_per_epoch = samples_per_epoch if self.sizes is None else sum(self.sizes.values())
         self.counter = SkipCounter()
+        self.transform, self.collate = transform, Collate()
         fill = [] if resampled or not fill_to_plan else [
             FillToPlan(self.urls, self.sizes, self.ctx, shuffle, batch_size, self._resampled_budget())
         ]  # fmt: skip
         self._pipeline = wds.DataPipeline(
             ShardStream(self.urls, self.ctx, shuffle, resampled),
             self.counter.reading,
-            wds.tarfile_to_samples(handler=self.counter.tar_error),
+            TarSamples(self.counter.tar_error),
             SampleShuffle(self.ctx, shuffle_buffer if shuffle else 0),
             SkipTrained(self.ctx, batch_size),
             DecodeImages(transform, self.counter, self.ctx),
             *fill,
-            wds.batched(batch_size, collation_fn=_collate, partial=True),
+            wds.batched(batch_size, collation_fn=self.collate, partial=True),
             TagBatches(self.counter, self.ctx, self._resampled_budget() if resampled else None),
         )
 
@@ -529,15 +572,29 @@ class ShardLoader:
         # A fresh generator per epoch fixes the workers' seeds, hence the augmentations,
         # so a run resumed at an epoch boundary sees exactly the same pixels.
         gen = torch.Generator().manual_seed(hash((self.ctx.seed, self.ctx.epoch, self.ctx.rank)) & 0x7FFFFFFF)
+        prefetch = 4
+        self.collate.slots = None
+        if self.num_workers and isinstance(self.transform, BytesTransform):  # uint8 [3, size, size] images
+            shape = (self.num_workers, prefetch + 1, self.batch_size, self.transform.size)
+            if BatchSlots.fit(*shape):
+                self.collate.slots = BatchSlots(*shape)  # fresh per epoch: no slot outlives its workers
+        pin = torch.cuda.is_available()
         loader = DataLoader(
-            self._pipeline, batch_size=None, num_workers=self.num_workers, generator=gen,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None, worker_init_fn=_ignore_stop_signals,
+            self._pipeline, batch_size=None, num_workers=self.num_workers, generator=gen, pin_memory=pin,
+            persistent_workers=False, prefetch_factor=prefetch if self.num_workers else None,
+            worker_init_fn=_ignore_stop_signals,
         )  # fmt: skip
         self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
         self.counter.converted.clear()
         self.counter.bad_shards.clear()
-        return iter(loader)
+        return self._batches(iter(loader), self.collate.slots, pin)
+
+    @staticmethod
+    def _batches(batches: Iterator[dict[str, Any]], slots: BatchSlots | None, pin: bool) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if isinstance(batch["image"], SlotRef):
+                batch["image"] = slots.take(batch["image"], pin)
+            yield batch
 
 
 def make_loaders(

@@ -22,14 +22,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from .decode import decode_pixels, open_header
+from .decode import decode_pixels, read_header
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BytesTransform:
-    """A transform that decodes itself: stored bytes -> (uint8 [3, H, W], stored colour mode)."""
+    """A transform that decodes itself: stored bytes -> (uint8 [3, size, size], stored colour mode)."""
+
+    size: int
 
     def __call__(self, data: bytes) -> tuple[torch.Tensor, str]:
         raise NotImplementedError
@@ -60,10 +62,12 @@ class RandomResizedCropFlip(BytesTransform):
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, data: bytes) -> tuple[torch.Tensor, str]:
-        header = open_header(data)
-        top, left, h, w = T.RandomResizedCrop.get_params(header, list(self.scale), list(self.ratio))
-        flip = bool(torch.rand(1) < 0.5)
+        header = read_header(data)
         width, height = header.size
+        # torchvision draws the box from the image's dimensions only: a pixel-less tensor of that shape
+        shape_only = torch.empty((0, height, width), dtype=torch.uint8)
+        top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+        flip = bool(torch.rand(1) < 0.5)
         shrink = max(1.0, min(w, h) / self.size)  # how far the image may shrink: crop >= output
         pixels, mode = decode_pixels(data, header, (math.ceil(width / shrink), math.ceil(height / shrink)))
         sx, sy = pixels.shape[1] / width, pixels.shape[0] / height  # 1 unless decoded at a smaller scale
@@ -83,7 +87,7 @@ class ResizeCenterCrop(BytesTransform):
         self.size, self.resize = size, resize
 
     def __call__(self, data: bytes) -> tuple[torch.Tensor, str]:
-        header = open_header(data)
+        header = read_header(data)
         width, height = header.size
         if width <= height:  # torchvision's rule for the long side
             new_w, new_h = self.resize, int(self.resize * height / width)
