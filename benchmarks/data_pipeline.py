@@ -10,7 +10,8 @@ loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip
         torchvision's ImageFolder + DataLoader with the same transform ending in ToTensor +
         Normalize. Ours: ShardLoader over shards of the same files, uint8 batches normalised
         by ``to_model_input`` in the main process. One loader worker each, so img/s is per
-        core of decoding and augmentation; passes alternate between the two.
+        core of decoding and augmentation; passes alternate between the two, each in a new
+        process, with glibc's malloc fresh and warm (--malloc; see MALLOC below).
 build   ``build_shards`` of the (b) photos with 1 and with 2 worker processes, alternating;
         the outputs must be byte-identical. (The 256 (a) photos build in about 0.4 s, too
         short a run: starting the worker processes then weighs as much as the work.)
@@ -121,19 +122,37 @@ def ours_pass(shard: Path, epoch: int) -> dict[str, float]:
     return timed(len(to_model_input(batch["image"], "cpu")) for batch in loader)
 
 
-def loader_part(work: Path, passes: dict[str, int], repeat: dict[str, int]) -> dict:
+# glibc's malloc serves large blocks with fresh mmaps (page faults on every touch) until
+# the process has freed one, then raises its threshold (up to 32 MiB); loader workers are
+# forked with their parent's state. A training process has freed many large tensors
+# ("warm"); a bare script has not ("fresh"). torchvision's pass of the 12-megapixel photos
+# runs 1.7x faster warm, so each pass runs in a new process in a stated state.
+MALLOC = {"fresh": {}, "warm": {"MALLOC_MMAP_THRESHOLD_": str(128 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}}
+
+
+def one_pass(side: str, source: Path, epoch: int, malloc: str) -> dict[str, float]:
+    """One pass of ``side`` (torchvision or ours) in a new Python process with glibc's malloc ``malloc``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | MALLOC[malloc]
+    cmd = [sys.executable, __file__, "--one-pass", side, "--source", str(source), "--epoch", str(epoch)]
+    proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def loader_part(work: Path, passes: dict[str, int], repeat: dict[str, int], mallocs: list[str]) -> dict:
     out = {}
-    for case, (folder, shard) in loader_inputs(work, repeat).items():
-        theirs, ours = [], []
-        for p in range(passes[case]):
-            theirs.append(torchvision_pass(folder))
-            ours.append(ours_pass(shard, p))
-        out[case] = {"images_per_pass": 256 * repeat[case], "torchvision_img_s": theirs, "ours_img_s": ours}
-        for kind in ("steady", "whole"):
-            mine, peer = statistics.median(r[kind] for r in ours), statistics.median(r[kind] for r in theirs)
-            out[case][f"ratio_of_medians_{kind}"] = mine / peer
-            print(f"loader ({case}, {kind}): torchvision {peer:.1f} img/s, ours {mine:.1f} img/s, "
-                  f"ratio {mine / peer:.2f}", flush=True)
+    for malloc in mallocs:
+        for case, (folder, shard) in loader_inputs(work, repeat).items():
+            theirs, ours = [], []
+            for p in range(passes[case]):
+                theirs.append(one_pass("torchvision", folder, p, malloc))
+                ours.append(one_pass("ours", shard, p, malloc))
+            key = f"{case}-{malloc}"
+            out[key] = {"images_per_pass": 256 * repeat[case], "torchvision_img_s": theirs, "ours_img_s": ours}
+            for kind in ("steady", "whole"):
+                mine, peer = statistics.median(r[kind] for r in ours), statistics.median(r[kind] for r in theirs)
+                out[key][f"ratio_of_medians_{kind}"] = mine / peer
+                print(f"loader ({case}, malloc {malloc}, {kind}): torchvision {peer:.1f} img/s, ours {mine:.1f} img/s, "
+                      f"ratio {mine / peer:.2f}", flush=True)
     return out
 
 
@@ -250,8 +269,17 @@ def main() -> None:
     parser.add_argument("--stage-epochs", type=int, default=2)
     parser.add_argument("--stage-args", default="", help="extra key=value settings of the stage, e.g. compile=true")
     parser.add_argument("--bare-steps", type=int, default=20)
+    parser.add_argument("--malloc", default="fresh,warm", help="glibc malloc states of the loader passes")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--one-pass", choices=("torchvision", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--epoch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_pass:  # a child of loader_part
+        side = torchvision_pass(Path(args.source)) if args.one_pass == "torchvision" else ours_pass(
+            Path(args.source), args.epoch)
+        print(json.dumps(side))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
@@ -259,7 +287,7 @@ def main() -> None:
     parts = args.parts.split(",")
     if "loader" in parts:
         report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b},
-                                       {"a": args.repeat_a, "b": args.repeat_b})
+                                       {"a": args.repeat_a, "b": args.repeat_b}, args.malloc.split(","))
     if "build" in parts:
         report["build"] = build_part(work, args.build_rounds)
     if "scales" in parts:

@@ -6,7 +6,8 @@ costs against the augmented one.
     # 2. the head trained on those same features two ways: the shared training loop over
     #    FeatureLoader batches (the stage's path before this change) and fit_head_on_features
     python benchmarks/probe_speed.py heads --out DIR
-    # 3. the whole stage, wall clock: cached (90 epochs) against augmented (--aug-epochs)
+    # 3. the whole stage, wall clock: cached (90 epochs) against augmented (--aug-epochs);
+    #    with --aug-epochs 90 both run the same epochs (on a subset of the shards, to fit in minutes)
     python benchmarks/probe_speed.py stage --pretrained ENC --train SHARDS --val SHARDS --out DIR
 
 Both head arms use LinprobeConfig's defaults (90 epochs, batch 256, LARS, blr 6.4, 10
@@ -95,7 +96,7 @@ def heads(args: argparse.Namespace) -> None:
 
 def stage(args: argparse.Namespace) -> None:
     common = [f"pretrained={args.pretrained}", f"data.train={args.train}", f"data.val={args.val}", "knn=false",
-              "progress=false"]  # fmt: skip
+              "progress=false", *args.set]  # fmt: skip
     # the augmented arm keeps the recipe's share of warm-up (10 of 90 epochs) over its shorter run
     arms = {"cached": ["cached_features=true"],
             "augmented": ["cached_features=false", f"epochs={args.aug_epochs}", f"warmup_epochs={args.aug_epochs / 9:g}"]}
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--val", help="features/stage: labelled validation shards")
     ap.add_argument("--arms", default=None, help="heads: loop,fast; stage: cached,augmented")
     ap.add_argument("--aug-epochs", type=int, default=1, help="stage: epochs of the augmented probe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="stage: a setting for both arms, e.g. eval_every=10 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.mode == "heads":
