@@ -370,3 +370,26 @@ def test_every_position_table_exports_and_loads_into_timm(kind, mixer):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(mae.forward_features(x), vit.forward_features(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["row_major", "transposed", "strided"])
+def test_onednn_linear_forward_and_gradients_match_an_fp64_reference(layout: str) -> None:
+    """The fp32 products the model runs on CPU (oneDNN, transposed operands read in place,
+    other layouts copied first) give F.linear's output and gradients to fp32 rounding."""
+    from mae.models.linear import linear, onednn_applies
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 80, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    base = torch.randn(300, 80) if layout != "transposed" else torch.randn(80, 300)
+    x = {"row_major": base, "transposed": base.t(), "strided": base[::3]}[layout].detach().requires_grad_()
+    assert onednn_applies(x, w) == torch.backends.mkldnn.is_available()
+    out = linear(x, w, b)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.linear(x64, w64, b64)
+    ref.backward(grad.double())
+    for got, want in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max(), layout
