@@ -393,3 +393,21 @@ def test_onednn_linear_forward_and_gradients_match_an_fp64_reference(layout: str
     for got, want in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         assert got.dtype == torch.float32
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max(), layout
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_fp32() -> None:
+    """On CPU under bf16 autocast the attention is computed in fp32 (faster there, and more
+    precise): the same values as fp32 attention of the bf16 q, k, v, gradients included."""
+    from mae.models.mae_vit import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    plain = attention(q.detach().float(), k.detach().float(), v.detach().float())  # no autocast: as given
+    assert plain.dtype == torch.float32
