@@ -492,6 +492,25 @@ def test_batches_handed_over_through_shared_slots_equal_pytorchs_own_hand_over(
     assert len({a["image"].data_ptr() for a in slotted}) == 32  # each batch a tensor of its own
 
 
+def test_jpeg_headers_read_by_libjpeg_turbo_agree_with_pils(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast header path gives PIL's size, mode and format for colour and greyscale JPEGs;
+    CMYK JPEGs, other formats, broken JPEGs and decompression bombs go through PIL."""
+    from mae.data.decode import UndecodableImage, read_header
+
+    picture = Image.new("RGB", (40, 30), (200, 30, 90))
+    for image, fmt, fast in ((picture, "JPEG", True), (picture.convert("L"), "JPEG", True),
+                             (picture.convert("CMYK"), "JPEG", False), (picture, "PNG", False)):  # fmt: skip
+        data = encoded(image, fmt)
+        header, pil = read_header(data), Image.open(io.BytesIO(data))
+        assert (header.size, header.mode, header.format) == (pil.size, pil.mode, pil.format)
+        assert (header.image is None) == fast, (image.mode, fmt)
+    with pytest.raises(UndecodableImage):
+        read_header(b"\xff\xd8 not a jpeg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 30 - 1)  # PIL's bomb check still applies
+    with pytest.raises(UndecodableImage, match="DecompressionBomb"):
+        read_header(encoded(picture, "JPEG"))
+
+
 def gradient_jpeg(width: int, height: int) -> bytes:
     """Red rises left to right, green top to bottom: a crop's box can be read off its pixels."""
     x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
