@@ -189,11 +189,13 @@ def _zero_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_state(accelerator: Any, path: str | Path, optimizer: torch.optim.Optimizer,
+                        state: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """After ``accelerator.prepare``: optimiser (this rank's part under ZeRO), scaler and this
-    rank's RNG. Returns step, epoch and the rest of the saved state."""
+    rank's RNG. Returns step, epoch and the rest of the saved state (``state``: the folder's
+    ``state.pt`` when the caller has read it already)."""
     path = Path(path)
-    state = load_plain(path / "state.pt")
+    state = dict(load_plain(path / "state.pt") if state is None else state)
     if state.get("optimizer_sharded", False) != optimizer_is_sharded(accelerator):
         raise ValueError(f"{path} was saved {'with' if state.get('optimizer_sharded') else 'without'} DeepSpeed: "
                          "resume it under the same kind of launch")  # fmt: skip

@@ -1,10 +1,13 @@
 """The training loop every stage shares.
 
-A stage hands over its model and optimiser (unprepared), a loader and a ``Task``
-(how to get a loss from a batch, how to evaluate, what to export at the end). The loop
-owns the step: gradient accumulation, the lr schedule, clipping, the non-finite-loss
-guard, logging, checkpoints, resume and graceful stops on SIGTERM/SIGUSR1.
-Accelerate owns devices, precision and distribution.
+A stage hands over its model and optimiser (unprepared), a loader and a ``Task`` (how to get
+a loss from a batch, how to evaluate, what to export at the end). ``Trainer.fit`` runs the
+epochs; ``Trainer.train_one_epoch`` is one epoch, each optimiser step read top to bottom:
+forward, the non-finite guard, the step's lr, backward, clip, step, then logging and the
+reasons to stop. How many steps and at what rate is ``StepPlan``'s business
+(``mae/step_plan.py``), questions ranks answer together are ``mae/collectives.py``'s, and
+the guards that stop a run safely are ``mae/guards.py``'s. Accelerate owns devices,
+precision and distribution.
 
 Between log steps the loop never waits on the device: losses add up on it, the guard
 cancels a bad step there, and the loader promises every rank the same batch count.
@@ -12,7 +15,7 @@ cancels a bad step there, and the loader promises every rank the same batch coun
 
 from __future__ import annotations
 
-import signal
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +25,17 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
+from .checkpoint import load_model_weights, load_plain, load_training_state, resolve_resume, save_checkpoint
+from .collectives import any_rank, gather_objects, max_ranks, sum_ranks
 from .config import ConfigError
 from .data.pipeline import DataConfig, DataError
+from .data.plan import Position
 from .data.transforms import to_model_input
-from .metrics import MetricsLogger
-from .optim import lr_at, scaled_lr
+from .guards import NonFiniteGuard, StopSignal
+from .metrics import MetricsLogger, describe_data_counts
+from .optim import scaled_lr
 from .precision import PRECISIONS
+from .step_plan import StepPlan
 
 
 @dataclass
@@ -89,13 +96,17 @@ class RunConfig:
 
 
 class Loader(Protocol):
-    """What the loop reads batches from (``ShardLoader``, or cached features)."""
+    """What the loop reads batches from (``ShardLoader``): dicts of ``image`` and ``label``."""
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+    num_workers: int
+
+    def set_epoch(self, epoch: int, position: Position | None = None) -> None: ...
 
     def batches_per_epoch(self, epoch: int) -> int: ...
 
     def unseen_per_epoch(self, epoch: int) -> int: ...
+
+    def data_counts(self) -> dict[str, dict[str, int]]: ...
 
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
 
@@ -122,66 +133,6 @@ class Task:
         the model's complete weights (the module's own may be sharded under ZeRO-3)."""
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class NonFiniteGuard:
-    """Keeps a non-finite loss out of the weights without asking the host every micro-batch.
-
-    Each micro-batch adds "was the loss finite?" to a counter on the device. Where the
-    optimiser can cancel its own step from a device tensor (torch's fused AdamW reads
-    ``found_inf``, as ``GradScaler`` uses it), a step whose loss was not finite on any rank
-    is cancelled on the device and the counter is read at the next log step, which
-    stops the run: the weights are those of the last good step, and no checkpoint is
-    written after it (``Trainer._save`` checks first). The price: up to ``log_every``
-    cancelled steps run before the stop. Other optimisers (LARS, DeepSpeed's, fp16 with
-    its scaler) are checked on the host once per optimiser step, before it.
-    """
-
-    def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer, checkpoints: Path) -> None:
-        from accelerate.utils import DistributedType
-
-        self.acc, self.checkpoints = accelerator, checkpoints
-        self.base = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
-        self.on_device = (
-            isinstance(self.base, torch.optim.Optimizer) and getattr(self.base, "_step_supports_amp_scaling", False)
-            and accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
-        )  # fmt: skip
-        self.bad = torch.zeros((), device=accelerator.device)  # non-finite losses since the last step
-        self.cancelled = torch.zeros((), device=accelerator.device)  # steps cancelled since the last check
-
-    def note(self, loss: torch.Tensor) -> None:
-        self.bad += torch.isfinite(loss.detach()).logical_not()
-
-    def before_step(self, epoch: int, step: int) -> None:
-        """Before the backward of the step's last micro-batch (DeepSpeed steps inside it)."""
-        found = (self.bad > 0).float()
-        self.bad.zero_()
-        if self.acc.num_processes > 1:  # a device collective: no host wait on GPUs
-            found = self.acc.reduce(found, reduction="sum").clamp_(max=1.0)
-        if not self.on_device:
-            if found.item():
-                raise self._error(f"at epoch {epoch}, step {step}; stopping before the optimiser step")
-            return
-        self.base.grad_scale, self.base.found_inf = None, found
-        self.cancelled += found
-
-    def after_step(self) -> None:
-        if self.on_device:
-            del self.base.grad_scale, self.base.found_inf
-
-    def check(self, epoch: int, step: int) -> None:
-        """On every rank at once (a log step, before a save): raise if a step was cancelled."""
-        if self.on_device and self.cancelled.item():
-            raise self._error(f"in {int(self.cancelled.item())} optimiser step(s) of epoch {epoch} up to step {step}; "
-                              "they were cancelled (weights unchanged) and the run stops")  # fmt: skip
-
-    def _error(self, where: str) -> NonFiniteLoss:
-        return NonFiniteLoss(f"loss is not finite {where}, no checkpoint written. Last good checkpoint: "
-                             f"{self.checkpoints}. Try a lower blr, clip_grad, or mixed_precision=no.")  # fmt: skip
-
-
 def effective_batch(cfg: RunConfig, num_processes: int) -> int:
     return cfg.batch_size * num_processes * cfg.accum_iter
 
@@ -191,38 +142,22 @@ def base_lr(cfg: RunConfig, num_processes: int) -> float:
     return cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, effective_batch(cfg, num_processes))
 
 
-class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next optimiser step (the next
-    log step when several ranks must agree on it) and returns."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class FitResult:
     step: int
     epoch: int
     stopped_by_signal: bool = False
     last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpochEnd:
+    """How an epoch of ``train_one_epoch`` ended."""
+
+    steps: int  # optimiser steps of the epoch done, counted from its start (resumed ones included)
+    whole: bool  # every step of the epoch ran
+    stop: str | None = None  # "signal" or "time" when the run must stop now
+    last: dict[str, Any] = field(default_factory=dict)  # the last metrics line
 
 
 class Trainer:
@@ -240,8 +175,12 @@ class Trainer:
     ) -> None:
         self.cfg, self.acc, self.loader, self.task = cfg, accelerator, loader, task
         self.output_dir = Path(cfg.output_dir)
+        self.world = accelerator.num_processes
         self.resume_from = resolve_resume(cfg.resume, self.output_dir)
+        self.saved: dict[str, Any] | None = None  # the resumed checkpoint's state
         if self.resume_from is not None:
+            self.saved = load_plain(self.resume_from / "state.pt")
+            self._keep_effective_batch(self.saved)
             load_model_weights(self.resume_from, model, task.extra_state())
         if cfg.compile:
             # In place, so state dicts keep their names (no ``_orig_mod.``). Static shapes: a
@@ -250,320 +189,240 @@ class Trainer:
             model.compile(dynamic=False)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.guard = NonFiniteGuard(accelerator, self.optimizer, self.output_dir / "checkpoints")
-        self.world = accelerator.num_processes
         micro = loader.batches_per_epoch(0)
         if cfg.accum_iter > micro:
             raise ConfigError(
                 f"accum_iter={cfg.accum_iter} is larger than the {micro} batches of an epoch "
                 f"(batch_size={cfg.batch_size} x {self.world} process(es)): no optimiser step would ever run"
             )
-        self.steps_per_epoch = micro // cfg.accum_iter
-        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
-        self.clock = Clock(cfg.max_minutes)
-        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.base_lr = base_lr(cfg, self.world)
+        steps_per_epoch = micro // cfg.accum_iter
+        self.plan = StepPlan(steps_per_epoch=steps_per_epoch, cap=cfg.max_steps or steps_per_epoch * cfg.epochs,
+                             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                             base_lr=base_lr(cfg, self.world), min_lr=cfg.min_lr, max_minutes=cfg.max_minutes)  # fmt: skip
+        self.step = 0
 
-    # -- collectives that keep ranks in step
+    def _keep_effective_batch(self, saved: dict[str, Any]) -> None:
+        """A run resumed on another number of processes keeps its effective batch (and so its
+        schedule) through ``accum_iter``; when no whole ``accum_iter`` keeps it, it stops here."""
+        cfg, was = self.cfg, saved.get("run")
+        if was is None:  # saved before checkpoints recorded it: the same launch is assumed
+            return
+        target, per_step = was["effective_batch"], cfg.batch_size * self.world
+        if target == per_step * cfg.accum_iter:
+            return
+        from accelerate.utils import DistributedType
 
-    def _all(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([0.0 if flag else 1.0], device=self.acc.device)
-        return self.acc.reduce(t, reduction="sum").item() == 0
-
-    def _any(self, flag: bool) -> bool:
-        return not self._all(not flag)
-
-    def _sum(self, values: torch.Tensor) -> list[float]:
-        if self.world > 1:
-            values = self.acc.reduce(values, reduction="sum")
-        return values.tolist()
+        where = (f"resume={cfg.resume}: the checkpoint was saved by {was['world']} process(es) x batch_size "
+                 f"{was['batch_size']} x accum_iter {was['accum_iter']} (effective batch {target})")  # fmt: skip
+        if self.acc.distributed_type == DistributedType.DEEPSPEED and was["world"] != self.world:
+            raise ConfigError(f"{where}; a DeepSpeed ZeRO checkpoint resumes only on {was['world']} process(es)")
+        if target % per_step:
+            works = [f"batch_size={target // (self.world * a)} accum_iter={a}" for a in range(1, 65)
+                     if target % (self.world * a) == 0][:3]  # fmt: skip
+            raise ConfigError(f"{where}; on {self.world} process(es) batch_size={cfg.batch_size} cannot keep it: "
+                              f"set {' or '.join(works) or 'the saved launch'}")  # fmt: skip
+        cfg.accum_iter = target // per_step
+        self.acc.gradient_accumulation_steps = cfg.accum_iter
+        self.acc.print(f"resumed on {self.world} process(es) instead of {was['world']}: accum_iter={cfg.accum_iter} "
+                       f"keeps the effective batch of {target} and the lr schedule; the sample order of the rest "
+                       "of this epoch differs from an uninterrupted run's, none of its samples is read twice")  # fmt: skip
 
     # -- the loop
 
     def fit(self) -> FitResult:
-        cfg, acc = self.cfg, self.acc
-        start_step, start_epoch, skip_steps = 0, 0, 0
-        resume_from = self.resume_from
-        if resume_from is not None:
-            state = load_training_state(acc, resume_from, self.optimizer)
-            start_step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
-            self.clock.restore(state, max_steps=self.total_steps)
-            if self.clock.planned:
-                self.total_steps = state["total_steps"]
-            acc.print(f"resumed from {resume_from} at epoch {start_epoch}, step {start_step}")
-        metrics = MetricsLogger(acc, cfg, resume_step=start_step if resume_from is not None else None)
+        cfg, acc, plan = self.cfg, self.acc, self.plan
+        epoch, position = 0, None
+        if self.resume_from is not None:
+            state = load_training_state(acc, self.resume_from, self.optimizer, state=self.saved)
+            self.step, epoch = state["step"], state["epoch"]
+            position = self._position(state)
+            plan.restore(state)
+            acc.print(f"resumed from {self.resume_from} at epoch {epoch}, step {self.step}")
+        metrics = MetricsLogger(acc, cfg, resume_step=self.step if self.resume_from is not None else None)
         acc.print(
-            f"lr {self.base_lr:.3e} = blr {cfg.blr:g} x effective batch {effective_batch(cfg, self.world)} / 256 "
+            f"lr {plan.base_lr:.3e} = blr {cfg.blr:g} x effective batch {effective_batch(cfg, self.world)} / 256 "
             f"(batch_size {cfg.batch_size} x {self.world} process(es) x accum_iter {cfg.accum_iter})"
-            if cfg.lr is None else f"lr {self.base_lr:.3e} (set directly)"
+            if cfg.lr is None else f"lr {plan.base_lr:.3e} (set directly)"
         )  # fmt: skip
-        acc.print(f"{self.steps_per_epoch} optimiser steps per epoch, {self.total_steps} in all, "
-                  f"{self.warmup_steps} of warm-up")  # fmt: skip
-        if self.clock.seconds is not None and not self.clock.planned:
+        acc.print(f"{plan.steps_per_epoch} optimiser steps per epoch, {plan.total_steps} in all, "
+                  f"{plan.warmup_steps} of warm-up")  # fmt: skip
+        if plan.timed and plan.plans == 0:
             acc.print(f"max_minutes={cfg.max_minutes:g}: the step count is planned from the time of the steps after "
-                      f"the first {Clock.WARM}: at least {Clock.TIMED} steps and 5% of the budget, at most 10%")  # fmt: skip
+                      f"the first {StepPlan.WARM}: at least {StepPlan.TIMED} steps and 5% of the budget, at most 10%; "
+                      "and planned again once at half the budget")  # fmt: skip
         unseen = self.loader.unseen_per_epoch(0)
         if unseen:
             acc.print(f"warning: shards split unevenly across {self.world} ranks; about {unseen} samples "
                       "per epoch go unread (use a shard count divisible by processes x workers)")  # fmt: skip
 
-        step, epoch, result = start_step, start_epoch, FitResult(start_step, start_epoch)
-        self.clock.start(first_step=start_step)
+        last: dict[str, Any] = {}
+        plan.start(self.step)
         with StopSignal() as stop:
-            while (step < self.total_steps and (cfg.max_steps or epoch < cfg.epochs)
-                   and not self._any(self.clock.spent())):  # fmt: skip
-                first = step
-                done_before = skip_steps if epoch == start_epoch else 0
-                step, ended, last = self._train_epoch(epoch, step, done_before, metrics, stop)
-                result.last_metrics.update(last)
-                if last.get("skipped") or last.get("converted"):
-                    acc.print(f"epoch {epoch} data: {data_counts(last)}")
-                in_epoch = done_before + step - first  # optimiser steps of this epoch done
-                if ended == "signal":  # mid-epoch: the resumed run's loader skips this epoch's first steps
-                    self._save(step, epoch, in_epoch)
-                    acc.print(f"stopped by signal {stop.received}: checkpoint at step {step}; resume=auto continues")
+            while (self.step < plan.total_steps and (cfg.max_steps or epoch < cfg.epochs)
+                   and not any_rank(acc, plan.spent())):  # fmt: skip
+                end = self.train_one_epoch(epoch, position, metrics, stop)
+                position, last = None, {**last, **end.last}
+                counts = self._data_counts()
+                metrics.log(self.step, epoch=epoch, **counts)
+                if counts["skipped"] or counts["converted"]:
+                    acc.print(f"epoch {epoch} data: {describe_data_counts(counts)}")
+                if end.stop == "signal":  # mid-epoch: the resumed run's loader skips this epoch's first steps
+                    self._save(epoch, end.steps)
+                    acc.print(f"stopped by signal {stop.received}: checkpoint at step {self.step}; resume=auto continues")
                     metrics.close()
-                    return FitResult(step, epoch, True, result.last_metrics)
-                if ended == "time":
-                    acc.print(f"max_minutes={cfg.max_minutes:g} spent at step {step} of the {self.total_steps} planned")
-                last_epoch = step >= self.total_steps or ended == "time" or (not cfg.max_steps and epoch + 1 >= cfg.epochs)
+                    return FitResult(self.step, epoch, True, last)
+                if end.stop == "time":
+                    acc.print(f"max_minutes={cfg.max_minutes:g} spent at step {self.step} of the {plan.total_steps} planned")
+                last_epoch = (self.step >= plan.total_steps or end.stop == "time"
+                              or (not cfg.max_steps and epoch + 1 >= cfg.epochs))  # fmt: skip
                 if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
                     evaluation = self.task.evaluate(self.model, epoch)
                     if evaluation:
-                        metrics.log(step, epoch=epoch, **evaluation)
-                        result.last_metrics.update(evaluation)
+                        metrics.log(self.step, epoch=epoch, **evaluation)
+                        last.update(evaluation)
                         acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
-                whole = ended is None  # not cut by max_steps or max_minutes
                 if (epoch + 1) % cfg.save_every == 0 or last_epoch:  # a cut epoch resumes where it was cut
-                    self._save(step, epoch + 1 if whole else epoch, 0 if whole else in_epoch)
+                    self._save(epoch + 1, 0) if end.whole else self._save(epoch, end.steps)
                 epoch += 1
         weights = acc.get_state_dict(self.model)  # collective: complete even when ZeRO-3 shards it
         if acc.is_main_process:
             self.task.finish(acc.unwrap_model(self.model), self.output_dir, weights)
         acc.wait_for_everyone()
         metrics.close()
-        return FitResult(step, epoch, False, result.last_metrics)
+        return FitResult(self.step, epoch, False, last)
 
-    def _train_epoch(
-        self, epoch: int, step: int, skip_steps: int, metrics: MetricsLogger, stop: StopSignal
-    ) -> tuple[int, str | None, dict[str, Any]]:
-        """Returns the step reached, why the epoch ended early ("signal", "time", "steps": the
-        planned total came first; None: it did not) and the last metrics line."""
-        cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
+    def train_one_epoch(self, epoch: int, position: Position | None, metrics: MetricsLogger, stop: StopSignal) -> EpochEnd:
+        """One epoch, or what is left of it after ``position`` (a resumed run), up to the planned total."""
+        cfg, acc, plan, accum = self.cfg, self.acc, self.plan, self.cfg.accum_iter
+        done = 0 if position is None else position.batches * position.world * position.batch_size // (
+            self.world * cfg.batch_size * accum)  # optimiser steps of this epoch already taken
         self.model.train()
-        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: those are not decoded again
+        self.loader.set_epoch(epoch, position)  # resumed: what was read is not decoded again
         # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
         # Only whole optimiser steps: leftover micro-batches would leak gradient into the next epoch.
-        whole = min(self.loader.batches_per_epoch(epoch) // accum, self.steps_per_epoch)
-        budget = min(whole, skip_steps + self.total_steps - step) * accum
-        skip = skip_steps * accum
-        bar = tqdm(total=budget, initial=skip, desc=f"epoch {epoch}", disable=not (acc.is_main_process and cfg.progress),
-                   mininterval=1.0, dynamic_ncols=True)  # fmt: skip
-        window = LogWindow(acc.device)
-        counts_by_worker: dict[int, dict[str, dict[str, int]]] = {}
-        last: dict[str, Any] = {}
-        for micro, batch in self._micro_batches(epoch, budget, skip, counts_by_worker):
+        steps = min(self.loader.batches_per_epoch(epoch) // accum, plan.steps_per_epoch)
+        bar = tqdm(total=steps * accum, initial=done * accum, desc=f"epoch {epoch}", mininterval=1.0,
+                   disable=not (acc.is_main_process and cfg.progress), dynamic_ncols=True)  # fmt: skip
+        window, end = LogWindow(acc.device), EpochEnd(done, whole=False)
+        batches = self._device_batches(epoch, done * accum, steps * accum)
+        for micro, batch in batches:
             with acc.accumulate(self.model):
-                loss = self._forward(batch, window)
-                if acc.sync_gradients:  # before backward: under DeepSpeed it takes the optimiser step
-                    lr = self._before_step(epoch, step)
+                with acc.autocast():
+                    loss = self.task.train_step(self.model, batch)
+                self.guard.note(loss)
+                window.add(loss, batch["image"].shape[0])
+                if acc.sync_gradients:  # before backward: under DeepSpeed the backward takes the step
+                    self.guard.before_step(epoch, self.step)
+                    lr = self._set_lr(plan.lr(self.step))
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    self._optimizer_step(step)
+                    if cfg.clip_grad is not None:  # DeepSpeed clips by its own config
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                    self.optimizer.step()
+                    self.guard.after_step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.task.after_step(self.model, self.step + 1)
             bar.update(1)
             if not acc.sync_gradients:
                 continue
             # -- once per optimiser step
-            step += 1
-            if self.clock.seconds is not None and not self.clock.planned:
-                self._plan(step, window)  # may shorten the run to fewer steps than this epoch holds
-            planned_end = step >= self.total_steps
-            logged = step % cfg.log_every == 0 or micro + 1 == budget or planned_end
+            self.step, end.steps = self.step + 1, end.steps + 1
+            planned_end = self.step >= plan.total_steps
+            logged = self.step % cfg.log_every == 0 or end.steps == steps or planned_end
+            may_decide = logged or self.world == 1  # ranks decide together at log steps; alone, at every step
+            if plan.timed:
+                note = plan.observe(self.step, may_decide=may_decide, sync=window.loss.item,
+                                    any_rank=lambda f: any_rank(acc, f), slowest=lambda p: max_ranks(acc, p))  # fmt: skip
+                if note:
+                    acc.print(note, flush=True)
+                    planned_end = self.step >= plan.total_steps  # a plan may end the run here
+                    logged = logged or planned_end
             if logged:  # the only host reads of the loop: the loss window and the guard
-                self.guard.check(epoch, step)
-                last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-            # ranks agree on a stop at log steps; alone, every step is free to look
-            if (logged or self.world == 1) and self._any(stop.received is not None):
-                bar.close()
-                return step, "signal", last
-            if self.clock.seconds is not None and (logged or self.world == 1) and self._any(self.clock.spent()):
-                if not logged:
-                    last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
-                bar.close()
-                return step, "time", last
-            if planned_end:  # the same step on every rank
-                bar.close()
-                return step, ("steps" if micro + 1 < whole * accum else None), last
+                self.guard.check(epoch, self.step)
+                end.last = self._log(metrics, epoch, lr, window)
+                bar.set_postfix(loss=f"{end.last['loss']:.4f}", lr=f"{lr:.2e}")
+            if may_decide:
+                end.stop = "signal" if any_rank(acc, stop.received is not None) else None
+                if end.stop is None and plan.budget_s is not None and any_rank(acc, plan.spent()):
+                    end.stop = "time"
+                    end.last = end.last if logged else self._log(metrics, epoch, lr, window)
+            if end.stop or planned_end:  # the same step on every rank
+                break
         bar.close()
-        return step, None, last  # a budget cut short by the planned total ends at ``planned_end`` above
+        end.whole = end.steps == steps
+        return end
 
-    def _plan(self, step: int, window: "LogWindow") -> None:
-        """max_minutes: time this process's steps after the first WARM (compilation, caches) until
-        TIMED steps and a twentieth of the budget, or a tenth, have passed; then fix the step count that fits in
-        the rest of the budget at the slowest rank's pace and plan the lr over it. Fixed once
-        and saved in checkpoints, so a resumed run follows the same schedule."""
-        clock = self.clock
-        if step - clock.first_step < Clock.WARM:
-            return
-        if step - clock.first_step == Clock.WARM:
-            window.loss.item()  # a host read: whatever the device still had queued is done
-            clock.mark, clock.mark_step = time.perf_counter(), step
-            return
-        if self.world > 1 and step % self.cfg.log_every:  # ranks decide together, at log steps only
-            return
-        timed = step - clock.mark_step
-        seconds = time.perf_counter() - clock.mark
-        # long enough for the loader's prefetched batches to run out: a loader-bound run is
-        # fast only while they last, and a plan from that pace would outrun the budget
-        enough = seconds >= clock.seconds / 10 or (timed >= Clock.TIMED and seconds >= clock.seconds / 20)
-        if self.world > 1:  # every rank plans at the same step
-            enough = self._any(enough)
-        if not enough:
-            return
-        window.loss.item()
-        pace = torch.tensor([(time.perf_counter() - clock.mark) / timed], device=self.acc.device)
-        if self.world > 1:
-            pace = self.acc.reduce(pace, reduction="max")
-        per_step = max(float(pace.item()), 1e-9)
-        fits = step + int(max(0.0, clock.seconds - clock.elapsed()) / per_step)
-        previous, self.total_steps = self.total_steps, max(step, min(self.total_steps, fits))
-        clock.planned = True
-        self.acc.print(f"max_minutes={self.cfg.max_minutes:g}: {per_step:.3f} s per step over steps {clock.mark_step + 1}-"
-                       f"{step} -> {self.total_steps} optimiser steps planned ({self.total_steps / self.steps_per_epoch:.1f} "
-                       "epochs" + (", capped by epochs/max_steps" if self.total_steps == previous else "") + ")",
-                       flush=True)  # fmt: skip
+    # -- pieces of the loop
 
-    # -- per micro-batch
-
-    def _micro_batches(self, epoch: int, budget: int, skip: int,
-                       counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> Iterator[tuple[int, dict[str, Any]]]:  # fmt: skip
-        """Micro-batches ``skip`` to ``budget`` of the epoch, on the device. The loader gives every
+    def _device_batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Micro-batches ``start`` to ``stop`` of the epoch, on the device. The loader gives every
         rank the planned number (``ShardLoader`` refills what corrupt samples took), so ranks
         never ask each other whether someone ran out."""
-        it = iter(self.loader)  # told by set_epoch to start at ``skip``, without decoding what it skips
-        for micro in range(skip, budget):
+        it, device = iter(self.loader), self.acc.device  # told by set_epoch to start at ``start``
+        for micro in range(start, stop):
             batch = next(it, None)
             if batch is None:
-                raise DataError(f"epoch {epoch}: the loader ended after {micro} of the {budget} batches it planned; "
+                raise DataError(f"epoch {epoch}: the loader ended after {micro} of the {stop} batches it planned; "
                                 "ranks would fall out of step")  # fmt: skip
-            counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
-            yield micro, self._to_device(batch)
+            yield micro, {"image": to_model_input(batch["image"], device),
+                          "label": batch["label"].to(device, non_blocking=True)}  # fmt: skip
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        device = self.acc.device
-        return dict(batch, image=to_model_input(batch["image"], device),
-                    label=batch["label"].to(device, non_blocking=True))  # fmt: skip
-
-    def _forward(self, batch: dict[str, Any], window: "LogWindow") -> torch.Tensor:
-        with self.acc.autocast():
-            loss = self.task.train_step(self.model, batch)
-        self.guard.note(loss)
-        window.add(loss, batch["image"].shape[0])
-        return loss
-
-    # -- per optimiser step
-
-    def _before_step(self, epoch: int, step: int) -> float:
-        """The non-finite guard and this step's learning rate; returns the rate."""
-        self.guard.before_step(epoch, step)
-        lr = lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                   min_lr=self.cfg.min_lr)  # fmt: skip
+    def _set_lr(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
-    def _optimizer_step(self, step: int) -> None:
-        if self.cfg.clip_grad is not None:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)  # DeepSpeed clips by its config
-        self.optimizer.step()
-        self.guard.after_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.task.after_step(self.model, step + 1)
-
-    def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: "LogWindow",
-             counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:  # fmt: skip
-        totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
-        for counts in self._gather(counts_by_worker):
-            for kind, by_key in counts.items():
-                for key, n in by_key.items():
-                    totals[kind][key] = totals[kind].get(key, 0) + n
-        skipped, converted = totals["skipped"], totals["converted"]
-        loss_sum, n, images = self._sum(window.totals())
+    def _log(self, metrics: MetricsLogger, epoch: int, lr: float, window: "LogWindow") -> dict[str, Any]:
+        loss_sum, n, images = sum_ranks(self.acc, window.totals()).tolist()
         elapsed = time.perf_counter() - window.start
         record = {
             "epoch": epoch,
             "loss": loss_sum / max(1, n),
             "lr": lr,
             "images_per_sec": images / elapsed if elapsed > 0 else 0.0,
-            "elapsed_s": round(self.clock.elapsed(), 3),  # the loop's wall clock, carried across resumes
-            "skipped": sum(skipped.values()),  # dropped
-            "converted": sum(converted.values()),  # kept, converted to RGB
+            "elapsed_s": round(self.plan.elapsed(), 3),  # the loop's wall clock, carried across resumes
         }
-        if skipped:
-            record["skipped_by_reason"] = dict(sorted(skipped.items()))
-        if converted:
-            record["converted_by_mode"] = dict(sorted(converted.items()))
-        metrics.log(step, **record)
+        metrics.log(self.step, **record)
         window.reset()
         return record
 
-    def _gather(self, by_worker: dict[int, dict[str, dict[str, int]]]) -> list[dict[str, dict[str, int]]]:
-        """Every rank's per-worker counts (reasons differ across ranks, so objects, not tensors)."""
-        if self.world == 1:
-            return list(by_worker.values())
-        from accelerate.utils import gather_object
+    def _data_counts(self) -> dict[str, Any]:
+        """The epoch's skipped (dropped) and converted (kept as RGB) samples of every rank, gathered once."""
+        totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
+        for counts in gather_objects(self.acc, self.loader.data_counts()):
+            for kind, by_key in counts.items():
+                for key, n in by_key.items():
+                    totals[kind][key] = totals[kind].get(key, 0) + n
+        record: dict[str, Any] = {"skipped": sum(totals["skipped"].values()),
+                                  "converted": sum(totals["converted"].values())}  # fmt: skip
+        if totals["skipped"]:
+            record["skipped_by_reason"] = dict(sorted(totals["skipped"].items()))
+        if totals["converted"]:
+            record["converted_by_mode"] = dict(sorted(totals["converted"].items()))
+        return record
 
-        return [counts for rank_counts in gather_object([list(by_worker.values())]) for counts in rank_counts]
+    def _position(self, state: dict[str, Any]) -> Position | None:
+        """Where the checkpoint stopped inside its epoch, in the saved launch's terms."""
+        if not state.get("step_in_epoch"):
+            return None
+        was = state.get("run") or {"world": self.world, "batch_size": self.cfg.batch_size,
+                                   "num_workers": self.loader.num_workers, "accum_iter": self.cfg.accum_iter}  # fmt: skip
+        return Position(world=was["world"], batch_size=was["batch_size"], num_workers=was["num_workers"],
+                        batches=state["step_in_epoch"] * was["accum_iter"])  # fmt: skip
 
-    def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
-        self.guard.check(epoch, step)  # never save weights that a cancelled step stands behind
-        state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg),
-                 "total_steps": self.total_steps, **self.clock.state()}  # fmt: skip
-        save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
-                        state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
-
-
-def data_counts(record: dict[str, Any]) -> str:
-    """The epoch's skipped samples (dropped) and converted ones (kept as RGB), in words."""
-    def part(total: int, by: dict[str, int]) -> str:
-        return f"{total}" + (f" ({', '.join(f'{k} {n}' for k, n in by.items())})" if by else "")
-
-    return (f"skipped {part(record.get('skipped', 0), record.get('skipped_by_reason', {}))}, "
-            f"converted to RGB {part(record.get('converted', 0), record.get('converted_by_mode', {}))}")  # fmt: skip
-
-
-class Clock:
-    """The loop's wall clock and, under ``max_minutes``, its budget. Elapsed time and whether the
-    step count was planned travel in checkpoints, so a resumed run spends what is left."""
-
-    WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at least this many timed to plan
-
-    def __init__(self, max_minutes: float | None) -> None:
-        self.seconds = None if max_minutes is None else max_minutes * 60.0
-        self.planned, self.before, self.first_step = False, 0.0, 0
-        self.origin = self.mark = time.perf_counter()
-        self.mark_step = 0
-
-    def start(self, first_step: int) -> None:
-        self.first_step, self.origin = first_step, time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.origin
-
-    def spent(self) -> bool:
-        return self.seconds is not None and self.elapsed() >= self.seconds
-
-    def state(self) -> dict[str, Any]:
-        return {"elapsed_s": self.elapsed(), "planned": self.planned}
-
-    def restore(self, state: dict[str, Any], max_steps: int) -> None:
-        self.before = float(state.get("elapsed_s", 0.0))
-        # a plan made under another bound (or none) is not this run's plan
-        self.planned = bool(state.get("planned")) and self.seconds is not None and state["total_steps"] <= max_steps
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        """A checkpoint of the run at this step: ``epoch`` and the steps of it done."""
+        self.guard.check(epoch, self.step)  # never save weights that a cancelled step stands behind
+        cfg = self.cfg
+        run = {"world": self.world, "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter,
+               "num_workers": self.loader.num_workers, "effective_batch": effective_batch(cfg, self.world),
+               "images_seen": self.step * effective_batch(cfg, self.world)}  # fmt: skip
+        state = {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": dataclasses.asdict(cfg),
+                 "run": run, **self.plan.state()}  # fmt: skip
+        save_checkpoint(self.acc, self.output_dir, self.step, model=self.model, optimizer=self.optimizer,
+                        state=state, keep_last=cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
 
 
 class LogWindow:
@@ -586,9 +445,3 @@ class LogWindow:
     def reset(self) -> None:
         self.loss.zero_()
         self.micro, self.images, self.start = 0, 0, time.perf_counter()
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)

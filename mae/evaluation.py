@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .collectives import all_ranks, sum_ranks
 from .data.transforms import to_model_input
 from .engine import Task
 
@@ -21,11 +22,7 @@ def lockstep(batches: Iterable[dict[str, Any]], accelerator: Any, pad_shape: tup
     it = iter(batches)
     while True:
         batch = next(it, None)
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
-            if accelerator.reduce(flag, reduction="sum").item() == 0:
-                return
-        elif batch is None:
+        if all_ranks(accelerator, batch is None):
             return
         if batch is None:
             yield {"image": torch.zeros(1, *pad_shape), "label": torch.zeros(1, dtype=torch.long)}, False
@@ -60,9 +57,7 @@ def evaluate_classifier(
         correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
     sums = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums, reduction="sum")
-    c1, c5, n, loss = sums.tolist()
+    c1, c5, n, loss = sum_ranks(accelerator, sums).tolist()
     n = max(n, 1.0)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "val_loss": loss / n}
 
@@ -84,15 +79,6 @@ def extract_features(
     if not feats:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
-
-
-def gather_all(tensor: torch.Tensor, accelerator: Any) -> torch.Tensor:
-    """Concatenate every rank's rows (row counts may differ across ranks)."""
-    if accelerator.num_processes == 1:
-        return tensor
-    from accelerate.utils import gather_object
-
-    return torch.cat(gather_object([tensor]))
 
 
 @torch.no_grad()

@@ -20,8 +20,10 @@ from .data.features import FeatureLoader
 from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, probe_transform
 from .downstream import DownstreamConfig, setup
-from .engine import FitResult, NonFiniteLoss, Trainer, base_lr, effective_batch
-from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify, topk_correct
+from .engine import FitResult, Trainer, base_lr, effective_batch
+from .guards import NonFiniteLoss
+from .collectives import gather_all
+from .evaluation import ClassificationTask, extract_features, knn_classify, topk_correct
 from .metrics import MetricsLogger
 from .optim import lr_at
 

@@ -124,6 +124,15 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def describe_data_counts(record: dict[str, Any]) -> str:
+    """The epoch's skipped samples (dropped) and converted ones (kept as RGB), in words."""
+    def part(total: int, by: dict[str, int]) -> str:
+        return f"{total}" + (f" ({', '.join(f'{k} {n}' for k, n in by.items())})" if by else "")
+
+    return (f"skipped {part(record.get('skipped', 0), record.get('skipped_by_reason', {}))}, "
+            f"converted to RGB {part(record.get('converted', 0), record.get('converted_by_mode', {}))}")  # fmt: skip
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

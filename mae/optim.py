@@ -30,14 +30,27 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] 
     ]
 
 
-def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+          anchor: tuple[int, float] | None = None) -> float:
     """Linear warm-up from 0, then half-cosine down to ``min_lr``; a pure function of the step."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
     if step >= total_steps:
         return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = cosine_progress(step, warmup_steps=warmup_steps, total_steps=total_steps, anchor=anchor)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_progress(step: int, *, warmup_steps: int, total_steps: int, anchor: tuple[int, float] | None = None) -> float:
+    """How far along its cosine (0 to 1) the schedule is at ``step``, after the warm-up.
+
+    ``anchor`` (step, progress): the step count was re-planned at that step, where the cosine
+    had come that far; from there it covers the rest of the way by ``total_steps``, so the
+    rate goes on without a jump."""
+    if anchor is not None and step >= anchor[0]:
+        s0, p0 = anchor
+        return p0 + (1.0 - p0) * (step - s0) / max(1, total_steps - s0)
+    return (step - warmup_steps) / max(1, total_steps - warmup_steps)
 
 
 def fused_available(device: torch.device | str) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .collectives import sum_ranks
 from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform, to_model_input
 from .encoder import ENCODER_FILE
@@ -114,7 +115,7 @@ class PretrainTask(Task):
                 total += loss.item() * images.shape[0]
                 count += images.shape[0]
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
-        total, count = self.acc.reduce(sums, reduction="sum").tolist() if self.acc.num_processes > 1 else (total, count)
+        total, count = sum_ranks(self.acc, sums).tolist()
         # every rank reconstructs (collective forwards under ZeRO-3); the main process draws
         vis = self._vis if self._vis is not None else torch.zeros(1, 3, size, size, device=self.acc.device)
         with self.acc.autocast():

@@ -33,7 +33,7 @@ that is what gives one gloo group of all processes (``accelerate launch --cpu
 
 Time limit and requeue (the design, and why)
 --------------------------------------------
-The stage catches SIGTERM/SIGUSR1 (``mae.engine.StopSignal``), writes a checkpoint at the
+The stage catches SIGTERM/SIGUSR1 (``mae.guards.StopSignal``), writes a checkpoint at the
 next optimiser step and exits 75 (``EXIT_STOPPED``). Getting that signal to the ranks,
 and knowing afterwards that the job should be requeued, takes three pieces
 (``tests/test_submit.py`` runs them on a real Slurm cluster, sending the warning with

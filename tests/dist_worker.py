@@ -4,12 +4,19 @@
                                  taking its slice; parameters and reduced losses written
     stage OUT key=value ...      a real pretraining run, then parameters and one epoch's
                                  image fingerprints of this rank written
+    traced OUT NAME STOP key=value ...
+                                 a real pretraining run without augmentation (centre crops, so
+                                 an image is known by its pixels) that records the fingerprint of
+                                 every image it trains on, by optimiser step, and stops itself
+                                 with SIGUSR1 after step STOP (0: runs to the end)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -76,10 +83,40 @@ def stage(out: Path, overrides: list[str]) -> None:
     acc.end_training()
 
 
+def traced(out: Path, name: str, stop: int, overrides: list[str]) -> None:
+    import mae.pretrain
+
+    mae.pretrain.pretrain_transform = lambda size, **_: eval_transform(size)  # images known by their pixels
+    cfg = load_config(PretrainConfig, None, [f"output_dir={out / 'run'}", *overrides])
+    acc, _ = make_accelerator(cfg)
+    trainer = build_trainer(cfg, acc)
+    seen: list[tuple[int, str]] = []
+    train_step, after_step = trainer.task.train_step, trainer.task.after_step
+
+    def recording(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        seen.extend((trainer.step, hashlib.sha1(img.cpu().numpy().tobytes()).hexdigest()) for img in batch["image"])
+        return train_step(model, batch)
+
+    def stopping(model: torch.nn.Module, step: int) -> None:
+        after_step(model, step)
+        if step == stop:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as a scheduler's warning would
+
+    trainer.task.train_step, trainer.task.after_step = recording, stopping
+    result = trainer.fit()
+    everyone = gather_object([seen])
+    if acc.is_main_process:
+        (out / f"{name}.json").write_text(json.dumps({"world_size": acc.num_processes, "step": result.step,
+                                                      "stopped": result.stopped_by_signal, "seen": everyone}))  # fmt: skip
+    acc.end_training()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     if mode == "step-equivalence":
         step_equivalence(out, int(sys.argv[3]))
+    elif mode == "traced":
+        traced(out, sys.argv[3], int(sys.argv[4]), sys.argv[5:])
     else:
         stage(out, sys.argv[3:])

@@ -69,3 +69,35 @@ def test_pretraining_stage_with_two_processes(tmp_path):
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
     assert len(list((tmp_path / "run" / "mae-pretrain").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_run_resumed_on_another_number_of_processes_keeps_its_schedule(tmp_path, before, after):
+    """Stopped mid-epoch on ``before`` processes and resumed on ``after``: accum_iter keeps the
+    effective batch of 50, the lr at every logged step and the images seen equal an
+    uninterrupted run's, and no image trained on before the stop comes again in that epoch."""
+    batch = 25  # 250 images a shard: whole batches on every reader, for 1 process as for 2
+    common = ["data.train=shards/cifar10/test-{000000..000003}.tar", "data.val=", "epochs=2", "warmup_epochs=1",
+              "model_overrides.depth=1", "data.num_workers=2", "progress=false", "log_every=1", f"batch_size={batch}"]  # fmt: skip
+    accum = {1: 2, 2: 1}  # effective batch 50
+    whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
+    launch(before, "traced", str(whole_dir), "whole", "0", *common, f"accum_iter={accum[before]}")
+    launch(before, "traced", str(cut_dir), "first", "7", *common, f"accum_iter={accum[before]}")
+    resumed = launch(after, "traced", str(cut_dir), "second", "0", *common, f"accum_iter={accum[before]}",
+                     "resume=auto")  # the same command line as before, on another number of processes  # fmt: skip
+    assert f"resumed on {after} process(es) instead of {before}: accum_iter={accum[after]}" in resumed.stdout
+    whole, first, second = (json.loads((d / f"{n}.json").read_text()) for d, n in
+                            ((whole_dir, "whole"), (cut_dir, "first"), (cut_dir, "second")))  # fmt: skip
+    assert first["stopped"] and not second["stopped"] and second["step"] == whole["step"] == 40
+    lines = {m["step"]: m for m in read_metrics(cut_dir / "run") if "loss" in m}
+    reference = {m["step"]: m for m in read_metrics(whole_dir / "run") if "loss" in m}
+    assert sorted(lines) == sorted(reference) == list(range(1, 41))
+    assert [lines[s]["lr"] for s in sorted(lines)] == pytest.approx([reference[s]["lr"] for s in sorted(lines)], rel=1e-9)
+
+    def images(run: dict, epoch: int) -> list[str]:
+        return [fp for rank in run["seen"] for step, fp in rank if step // 20 == epoch]
+
+    assert sum(len(rank) for rank in whole["seen"]) == sum(len(rank) for r in (first, second) for rank in r["seen"])
+    before_stop, after_stop = images(first, 0), images(second, 0)
+    assert len(before_stop) == 7 * 50 and not set(before_stop) & set(after_stop)  # nothing trained on twice
+    assert len(set(before_stop) | set(after_stop)) == len(set(images(whole, 0)))  # the same images in the epoch

@@ -93,7 +93,7 @@ def reference_run(tmp_path_factory) -> Path:
 def test_short_run_lowers_loss_and_writes_outputs(reference_run):
     out = reference_run
     records = [m for m in read_metrics(out) if "loss" in m]
-    assert {"step", "epoch", "loss", "lr", "images_per_sec", "skipped"} <= records[0].keys()
+    assert {"step", "epoch", "loss", "lr", "images_per_sec", "elapsed_s"} <= records[0].keys()
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.7 * first, (first, last)
@@ -101,7 +101,8 @@ def test_short_run_lowers_loss_and_writes_outputs(reference_run):
     assert len(vals) == 3 and vals[-1] < vals[0]
     assert records[0]["lr"] < records[STEPS_PER_EPOCH - 1]["lr"]  # warm-up rises...
     assert records[-1]["lr"] < 0.01 * max(r["lr"] for r in records)  # ...then cosine decays to ~0
-    assert all(r["skipped"] == 0 for r in records)
+    counts = [m for m in read_metrics(out) if "skipped" in m]  # one line of data counts per epoch
+    assert [c["epoch"] for c in counts] == [0, 1, 2] and all(c["skipped"] == c["converted"] == 0 for c in counts)
     assert tensorboard_losses(out) == {r["step"]: pytest.approx(r["loss"]) for r in records}
     hparams = yaml.safe_load(next((out / "mae-pretrain").glob("*/hparams.yml")).read_text())
     assert hparams["batch_size"] == 32 and hparams["model_overrides.depth"] == 4 and hparams["report_to"] == "tensorboard"
@@ -199,10 +200,13 @@ def test_compiled_run_keeps_plain_names_and_resumes_exactly(tmp_path):
     vit.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
 
 
-def test_max_minutes_plans_the_schedule_once_and_resumes_on_it(tmp_path):
+def test_max_minutes_plans_the_schedule_and_resumes_on_it(tmp_path):
     """max_minutes: the step count is planned from the measured step time, saved, and kept by a
-    resumed run (SIGTERM after the plan); every loss equals a run told max_steps=N outright,
-    which also ends mid-epoch with its lr at 0 and a checkpoint that resumes inside the epoch."""
+    resumed run (SIGTERM after the first plan), which re-plans once at half the budget without a
+    jump in the lr. Up to the re-plan every loss equals a run told max_steps=N outright (N the
+    first plan), which also ends mid-epoch with its lr at 0 and a checkpoint that resumes inside
+    the epoch. (The re-plan itself, and a resume across it, are covered on a fake clock in
+    tests/test_step_plan.py.)"""
     from mae.checkpoint import load_plain
     from mae.optim import lr_at
 
@@ -224,29 +228,37 @@ def test_max_minutes_plans_the_schedule_once_and_resumes_on_it(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 75, err[-2000:]
-    assert "optimiser steps planned" in out
     state = load_plain(list_checkpoints(timed)[-1] / "state.pt")
     planned = state["total_steps"]
-    assert state["planned"] and 50 <= planned < 16 * 1000 and state["elapsed_s"] > 0
+    assert state["planned"] and state["plans"] == 1 and 50 <= planned < 16 * 1000 and state["elapsed_s"] > 0
     resumed = run(timed, *small, budget, "resume=auto")
     assert "optimiser steps planned" not in resumed.stdout  # the saved plan, not a new one
+    final = load_plain(list_checkpoints(timed)[-1] / "state.pt")
     losses = train_losses(timed)
     last = max(losses)
-    assert last == planned or ("spent at step" in resumed.stdout and last < planned)
+    assert last == final["total_steps"] or ("spent at step" in resumed.stdout and last < final["total_steps"])
     assert sorted(losses) == list(range(1, last + 1))
     elapsed = [m["elapsed_s"] for m in read_metrics(timed) if "loss" in m]
     assert elapsed == sorted(elapsed) and elapsed[-1] < 0.3 * 60 + 10  # carried across the resume
+    # each line logs the rate its step used: the first plan's schedule up to the re-plan, then
+    # the rest of the same cosine over the re-planned total
+    anchor = tuple(final["lr_anchor"]) if final["lr_anchor"] else None
+    replanned_at = anchor[0] if anchor else last
+    first = dict(base_lr=1.5e-3 * 32 / 256, warmup_steps=64, total_steps=planned)
+    then = dict(first, total_steps=final["total_steps"], anchor=anchor)
+    log = [m for m in read_metrics(timed) if "loss" in m]
+    assert [m["lr"] for m in log] == pytest.approx(
+        [lr_at(m["step"] - 1, **(first if m["step"] - 1 < replanned_at else then)) for m in log], rel=1e-6)
+    if final["plans"] == 2:
+        assert "re-planned at half the budget" in resumed.stdout
 
     run(fixed, *small, f"max_steps={planned}")
     reference = train_losses(fixed)
     assert sorted(reference) == list(range(1, planned + 1))
-    assert [losses[k] for k in sorted(losses)] == pytest.approx([reference[k] for k in sorted(losses)], rel=1e-5, abs=1e-6)
-    # warm-up over 4 epochs, then the cosine planned to end at the planned step (each line
-    # logs the rate its step used: that of the step count before it)
-    schedule = dict(base_lr=1.5e-3 * 32 / 256, warmup_steps=64, total_steps=planned)
-    for log in (read_metrics(fixed), read_metrics(timed)):
-        assert [m["lr"] for m in log if "loss" in m] == pytest.approx(
-            [lr_at(m["step"] - 1, **schedule) for m in log if "loss" in m], rel=1e-6)
+    same = [k for k in sorted(losses) if k <= min(replanned_at, planned)]
+    assert [losses[k] for k in same] == pytest.approx([reference[k] for k in same], rel=1e-5, abs=1e-6)
+    assert [m["lr"] for m in read_metrics(fixed) if "loss" in m] == pytest.approx(
+        [lr_at(m["step"] - 1, **first) for m in read_metrics(fixed) if "loss" in m], rel=1e-6)
     state = load_plain(list_checkpoints(fixed)[-1] / "state.pt")
     assert (state["step"], state["step_in_epoch"]) == (planned, planned % 16)  # mid-epoch: resumes inside it
     assert (fixed / "encoder.safetensors").exists()
@@ -289,7 +301,7 @@ def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
     out = tmp_path / "run"
     proc = run(out, f"data.train={shards}/test-{{000000..000003}}.tar", "data.val=", "epochs=1", "batch_size=64",
                "model_overrides.depth=1")  # fmt: skip
-    last = [m for m in read_metrics(out) if "loss" in m][-1]
+    last = [m for m in read_metrics(out) if "skipped" in m][-1]  # the epoch's line of data counts
     assert last["skipped"] == 3
     assert last["skipped_by_reason"] == {"undecodable": 2, "no_image": 1}
     assert last["converted"] == 2
@@ -383,5 +395,7 @@ def test_default_run_on_a_small_folder_of_photos(tmp_path):
                         "data.num_workers; more shards would read faster"]  # fmt: skip
     records = [m for m in read_metrics(out) if "loss" in m]
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]  # one line per epoch: 2 steps each
-    assert all(r["skipped"] == 0 and r["converted_by_mode"] == {"CMYK": 3, "L": 3, "P": 3} for r in records)
+    counts = [m for m in read_metrics(out) if "skipped" in m]  # the epochs' lines of data counts
+    assert [c["epoch"] for c in counts] == [0, 1, 2, 3]
+    assert all(c["skipped"] == 0 and c["converted_by_mode"] == {"CMYK": 3, "L": 3, "P": 3} for c in counts)
     assert (out / "encoder.safetensors").is_file()

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch_slots import BatchSlots, SlotRef
 from .decode import UndecodableImage, decode_with_mode, image_key
+from .plan import Position
 from .shard_index import find_indexes
 from .tar_members import read_members
 from .transforms import BytesTransform, Transform
@@ -492,6 +493,7 @@ class ShardLoader:
                 )
             self.samples_per_epoch = samples_per_epoch if self.sizes is None else sum(self.sizes.values())
         self.counter = SkipCounter()
+        self._counts_by_worker: dict[int, dict[str, dict[str, int]]] = {}
         self.transform, self.collate = transform, Collate()
         fill = [] if resampled or not fill_to_plan else [
             FillToPlan(self.urls, self.sizes, self.ctx, shuffle, batch_size, self._resampled_budget())
@@ -544,7 +546,7 @@ class ShardLoader:
             return [math.inf] * workers
         return list(self._finite_worker_batches(epoch, self.ctx.rank))
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, position: Position | None = None) -> None:
         """Read ``epoch`` from its start, or without its first ``skip_batches`` batches
         (a resumed run): the batches after them are those of an uninterrupted read.
 
@@ -553,6 +555,7 @@ class ShardLoader:
         Exact when no sample among the skipped ones is undecodable or image-less (those
         are dropped after the count, which the skip cannot know without decoding them)."""
         self.ctx.epoch = epoch
+        skip_batches = 0 if position is None else position.batches
         remaining = self.worker_batches(epoch)
         skips = [0] * len(remaining)
         left, last = skip_batches, -1
@@ -587,14 +590,25 @@ class ShardLoader:
         self.counter.counts.clear()  # counts are per epoch; workers get a fresh copy anyway
         self.counter.converted.clear()
         self.counter.bad_shards.clear()
+        self._counts_by_worker = {}
         return self._batches(iter(loader), self.collate.slots, pin)
 
-    @staticmethod
-    def _batches(batches: Iterator[dict[str, Any]], slots: BatchSlots | None, pin: bool) -> Iterator[dict[str, Any]]:
+    def data_counts(self) -> dict[str, dict[str, int]]:
+        """This rank's samples skipped (by reason) and converted to RGB (by mode) in the epoch read so far."""
+        totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
+        for counts in self._counts_by_worker.values():
+            for kind, by_key in counts.items():
+                for key, n in by_key.items():
+                    totals[kind][key] = totals[kind].get(key, 0) + n
+        return totals
+
+    def _batches(self, batches: Iterator[dict[str, Any]], slots: BatchSlots | None, pin: bool) -> Iterator[dict[str, Any]]:
         for batch in batches:
             if isinstance(batch["image"], SlotRef):
                 batch["image"] = slots.take(batch["image"], pin)
-            yield batch
+            if "worker" in batch:
+                self._counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
+            yield {"image": batch["image"], "label": batch["label"]}
 
 
 def make_loaders(

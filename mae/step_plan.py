@@ -1,0 +1,136 @@
+"""How long a run trains and at what rate: its optimiser steps, warm-up and lr schedule, and
+under ``max_minutes`` the clock's plan of the step count.
+
+A run bounded by the clock cannot know its step count up front, yet the cosine schedule must
+end at the last step. So the plan times the steps after a short warm-up (compilation, caches),
+fixes the step count that fits the budget at that pace, and fixes it again once, at about half
+the budget, from the pace of the steps since the first plan (which by then includes evaluations
+and the loader's epoch starts). A re-plan keeps the lr continuous: the cosine goes on from where it was, over
+the new remaining steps. The plan travels in checkpoints, so a resumed run keeps its schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .optim import cosine_progress, lr_at
+
+Now = Callable[[], float]
+
+
+class StepPlan:
+    """Total steps, warm-up, the lr at each step, and the clock that may re-plan them.
+
+    ``cap`` is the bound the settings give (``max_steps``, else ``epochs`` x steps per epoch);
+    ``max_minutes`` may plan fewer steps than that, never more.
+    """
+
+    WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at least this many timed to plan
+
+    def __init__(self, *, steps_per_epoch: int, cap: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0,
+                 max_minutes: float | None = None, now: Now = time.perf_counter) -> None:  # fmt: skip
+        self.steps_per_epoch, self.cap = steps_per_epoch, cap
+        self.total_steps, self.warmup_steps = cap, warmup_steps
+        self.base_lr, self.min_lr = base_lr, min_lr
+        self.budget_s = None if max_minutes is None else max_minutes * 60.0
+        self.anchor: tuple[int, float] | None = None  # (step, cosine progress) where the cosine was re-planned
+        self.plans = 0  # clock plans made: 0, 1 (after the first timed steps), 2 (the re-plan at half the budget)
+        self._now = now
+        self._before = 0.0  # seconds spent by earlier processes of this run
+        self._origin = now()
+        self._first_step = 0  # this process's first step
+        self._mark: tuple[int, float] | None = None  # (step, time) the pace is timed from
+
+    # -- the schedule
+
+    def lr(self, step: int) -> float:
+        """The rate of optimiser step ``step`` (0-based): linear warm-up, then half-cosine."""
+        return lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                     min_lr=self.min_lr, anchor=self.anchor)  # fmt: skip
+
+    def _reschedule(self, step: int, total: int) -> None:
+        """End the cosine at ``total`` from ``step`` on, without a jump in the rate."""
+        if step > self.warmup_steps and total != self.total_steps:
+            self.anchor = (step, cosine_progress(step, warmup_steps=self.warmup_steps,
+                                                       total_steps=self.total_steps, anchor=self.anchor))
+        self.total_steps = total
+
+    # -- the clock
+
+    @property
+    def timed(self) -> bool:
+        """Whether the step count still waits on the clock."""
+        return self.budget_s is not None and self.plans < 2
+
+    def start(self, step: int) -> None:
+        """The loop starts (or resumes) at ``step``: this process's clock starts now."""
+        self._first_step, self._origin, self._mark = step, self._now(), None
+
+    def elapsed(self) -> float:
+        """Seconds of the loop, carried across resumes."""
+        return self._before + self._now() - self._origin
+
+    def spent(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
+
+    def observe(self, step: int, *, may_decide: bool = True, sync: Callable[[], Any] = lambda: None,
+                any_rank: Callable[[bool], bool] = lambda flag: flag,
+                slowest: Callable[[float], float] = lambda pace: pace) -> str | None:  # fmt: skip
+        """After optimiser step ``step``: time it, and plan (or re-plan) when enough is known.
+
+        ``sync`` waits for the device's queued work (a host read), so the clock reads true.
+        Several ranks decide together at steps where ``may_decide`` holds on all of them,
+        through ``any_rank`` and ``slowest`` (collectives). Returns a line to print when it planned.
+        """
+        if not self.timed or step - self._first_step < self.WARM:
+            return None
+        if self._mark is None:
+            sync()  # whatever the device still had queued belongs to the untimed steps
+            self._mark = (step, self._now())
+            return None
+        if not may_decide:
+            return None
+        mark_step, mark_time = self._mark
+        timed, seconds = step - mark_step, self._now() - mark_time
+        if self.plans == 0:
+            # long enough for the loader's prefetched batches to run out: a loader-bound run is
+            # fast only while they last, and a plan from that pace would outrun the budget
+            ready = seconds >= self.budget_s / 10 or (timed >= self.TIMED and seconds >= self.budget_s / 20)
+        else:
+            # at half the budget, from at least a fifth of it (evaluations come in lumps), which a
+            # run resumed shortly before half must first spend
+            ready = timed >= self.TIMED and self.elapsed() >= self.budget_s / 2 and seconds >= self.budget_s / 5
+        if not any_rank(ready):
+            return None
+        sync()
+        per_step = max(slowest((self._now() - mark_time) / timed), 1e-9)
+        fits = step + int(max(0.0, self.budget_s - self.elapsed()) / per_step)
+        previous = self.total_steps
+        self._reschedule(step, max(step, min(self.cap, fits)))
+        self.plans += 1
+        self._mark = (step, self._now())  # the re-plan times the steps since this plan: the recent pace
+        what = "planned" if self.plans == 1 else "re-planned at half the budget"
+        return (f"max_minutes={self.budget_s / 60:g}: {per_step:.3f} s per step over steps {mark_step + 1}-{step} -> "
+                f"{self.total_steps} optimiser steps {what} ({self.total_steps / self.steps_per_epoch:.1f} epochs"
+                + (", capped by epochs/max_steps" if self.total_steps == self.cap else "")
+                + (f"; was {previous}" if self.plans == 2 else "") + ")")  # fmt: skip
+
+    # -- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "steps_per_epoch": self.steps_per_epoch, "elapsed_s": self.elapsed(), "planned": self.plans > 0,
+                "plans": self.plans, "lr_anchor": list(self.anchor) if self.anchor else None}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """A resumed run spends what is left of the budget and keeps a plan made under the same
+        bound; a plan made under another bound (or none) is not this run's plan."""
+        self._before = float(state.get("elapsed_s", 0.0))
+        if self.budget_s is None or not state.get("planned") or state["total_steps"] > self.cap:
+            return
+        self.plans = int(state.get("plans", 1))
+        self.total_steps = int(state["total_steps"])
+        anchor = state.get("lr_anchor")
+        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor else None
