@@ -137,6 +137,24 @@ def test_killed_run_resumes_with_the_same_losses(reference_run, tmp_path):
     assert_same_run(reference_run, out)
 
 
+def test_a_resume_that_cannot_keep_the_effective_batch_stops_before_any_work(reference_run, tmp_path):
+    """The checkpoint trained with an effective batch of 32; a resume with batch_size=24 could
+    only change it (and so the lr and the schedule): one line names both and what would work,
+    and the run's checkpoints and metrics are left as they were."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+    metrics = (out / "metrics.jsonl").read_bytes()
+    proc = run(out, "resume=auto", "batch_size=24", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "effective batch 32" in errors[0] and "batch_size=24 cannot keep it" in errors[0]
+    assert "batch_size=32 accum_iter=1 or batch_size=16 accum_iter=2" in errors[0]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+    assert after == before and (out / "metrics.jsonl").read_bytes() == metrics
+
+
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
 def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference_run, tmp_path, fraction):
     """SIGTERM mid-epoch (half-way, and 90% in, where the resumed loader skips most of the
