@@ -522,6 +522,7 @@ class Trainer:
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
         self.guard.check(epoch, step)  # never save weights that a cancelled step stands behind
         state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": _config_dict(self.cfg),
+                 "stage": getattr(self.cfg, "stage", None),  # the stage config's ClassVar; read by mae.sources
                  "total_steps": self.total_steps, **self.clock.state()}  # fmt: skip
         save_checkpoint(self.acc, self.output_dir, step, model=self.model, optimizer=self.optimizer,
                         state=state, keep_last=self.cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
