@@ -53,7 +53,7 @@ class TimmSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, cfg: MAEConfig) -> "TimmSpec":
+    def of(cls, cfg: MAEConfig) -> TimmSpec:
         """The timm model an autoencoder's encoder is."""
         return cls(cfg.timm_model, cfg.timm_kwargs())
 
