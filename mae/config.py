@@ -148,7 +148,7 @@ def load_config(cls: type[C], config_file: str | Path | None = None, overrides: 
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-        _merge(cls, values, data, "", str(path))
+        _merge(cls, values, _without_stage(cls, data, f"config file {path}"), "", str(path))
     _merge(cls, values, parse_overrides(list(overrides)), "", "the command line")
     return _build(cls, values)
 
@@ -156,12 +156,28 @@ def load_config(cls: type[C], config_file: str | Path | None = None, overrides: 
 def config_from_mapping(cls: type[C], data: dict[str, Any], source: str) -> C:
     """A config from a saved mapping (e.g. the one a checkpoint records), checked as a file is."""
     values = dataclasses.asdict(cls())
-    _merge(cls, values, data, "", source)
+    _merge(cls, values, _without_stage(cls, data, source), "", source)
     return _build(cls, values)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """The resolved settings, headed by the ``stage`` that ran them (the config class's
+    ``stage``), so a run folder says what made it and nothing has to guess from its keys."""
+    stage = {"stage": cfg.stage} if isinstance(getattr(cfg, "stage", None), str) else {}
+    Path(path).write_text(yaml.safe_dump({**stage, **dataclasses.asdict(cfg)}, sort_keys=False))
+
+
+def _without_stage(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved config's settings without its ``stage`` (not a setting: the class is the
+    stage), after checking that the stage is this one, so a run's config.yaml is read back
+    as a config file and another stage's is refused by name."""
+    if "stage" not in data or "stage" in _field_types(cls):
+        return data
+    own = getattr(cls, "stage", None)
+    if data["stage"] != own:
+        raise ConfigError(f"{source} is a {data['stage']} run's config, not {own or cls.__name__}'s: "
+                          f"give it to pipelines.{data['stage']}, or drop its stage key")  # fmt: skip
+    return {k: v for k, v in data.items() if k != "stage"}
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

@@ -18,7 +18,7 @@ from .engine import RunConfig
 class DownstreamConfig(RunConfig):
     """The encoder a downstream stage starts from; each stage's config extends it."""
 
-    pretrained: str = "runs/pretrain"  # run folder, checkpoint, encoder file, released .pth, or "none"
+    pretrained: str = "runs/pretrain"  # run folder, checkpoint, encoder file, released .pth (mae.sources), or "none"
     model: str = "auto"  # any timm ViT name (hybrids, vit_ff_* too); "auto" takes it from the pretrained encoder
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     global_pool: str = "token"  # features: "token" (cls) or "avg" (mean of patch tokens)

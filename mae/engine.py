@@ -420,7 +420,7 @@ class Trainer:
                "num_workers": self.loader.num_workers, "effective_batch": effective_batch(cfg, self.world),
                "images_seen": self.step * effective_batch(cfg, self.world)}  # fmt: skip
         state = {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": dataclasses.asdict(cfg),
-                 "run": run, **self.plan.state()}  # fmt: skip
+                 "stage": getattr(cfg, "stage", None), "run": run, **self.plan.state()}  # fmt: skip
         save_checkpoint(self.acc, self.output_dir, self.step, model=self.model, optimizer=self.optimizer,
                         state=state, keep_last=cfg.keep_last, extra=self.task.extra_state())  # fmt: skip
 

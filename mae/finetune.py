@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ class FinetuneConfig(DownstreamConfig):
     smoothing 0.1, RandAugment, erasing 0.25, average pooling) is
     ``pipelines/configs/finetune_vit_base_in1k.yaml``."""
 
+    stage: ClassVar[str] = "finetune"  # recorded in config.yaml and checkpoints (a name of pipelines.stages)
     output_dir: str = "runs/finetune"
     img_size: int | None = None  # fine-tune at another resolution; position embeddings are interpolated
     drop_path: float = 0.0

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ class LinprobeConfig(DownstreamConfig):
     minute on CPU (features cached). The paper's recipe (ViT-B, ImageNet: 90 epochs, 10
     warm-up, blr 0.1 at batch 16384, augmented) is ``pipelines/configs/linprobe_vit_base_in1k.yaml``."""
 
+    stage: ClassVar[str] = "linprobe"  # recorded in config.yaml and checkpoints (a name of pipelines.stages)
     output_dir: str = "runs/linprobe"
     epochs: int = 90
     batch_size: int = 256

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -13,14 +13,13 @@ from safetensors.torch import save_file
 from .collectives import sum_ranks
 from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform, to_model_input
-from .encoder import ENCODER_FILE
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
-from .models.mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, preset_config
+from .models.mae_vit import PRESETS, MaskedAutoencoderViT, encoder_only, model_config
 from .models.masking import check_sampling, mask_noise
 from .optim import adamw, param_groups
+from .sources import ENCODER_FILE
 from .visualize import reconstruct, save_reconstructions
-
 
 
 @dataclass
@@ -28,6 +27,7 @@ class PretrainConfig(RunConfig):
     """Defaults: the CIFAR-scale model on the shipped sample shards, a few minutes on CPU.
     ``pipelines/configs/mae_vit_base_in1k.yaml`` holds the paper's ImageNet recipe."""
 
+    stage: ClassVar[str] = "pretrain"  # recorded in config.yaml and checkpoints (a name of pipelines.stages)
     output_dir: str = "runs/pretrain"
     model: str = "mae_vit_tiny_patch4_32"  # a preset of mae.models
     model_overrides: dict[str, Any] = field(default_factory=dict)  # any MAEConfig field
@@ -46,18 +46,14 @@ class PretrainConfig(RunConfig):
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         try:  # the model settings are checked now, not when the model is built
-            model = model_config(self)
+            model = model_config(asdict(self))
         except (TypeError, ValueError) as err:
             raise ValueError(f"model_overrides: {err}") from err
         check_sampling(self.mask_sampling, model.grid_size, self.mask_ratio)
 
 
-def model_config(cfg: PretrainConfig) -> MAEConfig:
-    return preset_config(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_overrides)
-
-
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(model_config(cfg))
+    return MaskedAutoencoderViT(model_config(asdict(cfg)))
 
 
 def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -80,7 +76,7 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: PretrainConfig, accelerator: Any, val: ShardLoader | None) -> None:
         self.cfg, self.acc, self.val = cfg, accelerator, val
-        self._grid = model_config(cfg).grid_size
+        self._grid = model_config(asdict(cfg)).grid_size
         self._vis: torch.Tensor | None = None
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:

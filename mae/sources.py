@@ -1,41 +1,329 @@
-"""What the user points the analysis and reconstruction tools at, made into models and
-image tensors, or refused with a one-line reason.
+"""What a path or name the user gives is, and the models and images made from it.
 
-Model sources: a pretraining run folder (latest checkpoint: encoder and decoder), a
-fine-tuning run folder, a checkpoint folder of either, an ``encoder.safetensors``, a
-released MAE checkpoint (``{'model': ...}``; the architecture is matched to a preset by
-its shapes), or a timm ViT name with a weights file. The encoder always comes back as a
-timm model, so every analysis runs on one kind of module; the whole autoencoder comes
-back too when the source has a decoder.
+``resolve_source`` is the one door: the stages' ``pretrained=`` (``mae.encoder``) and the
+tools' SOURCE (analysis, reconstruction) both go through it, so a path means the same
+weights everywhere. It answers with a ``ResolvedSource``: the kind, the stage that made
+it, its weights, its timm spec and its MAE config (None without a decoder). ``load_source``
+builds the tools' models from it: the encoder always as a timm model, so every analysis
+runs on one kind of module, and the whole autoencoder when the source has a decoder.
+
+A kind of source is one name in ``SourceKind``, one test in ``source_kind`` and one loader
+in ``PATH_KINDS``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import timm
 import torch
 import torch.nn as nn
 import yaml
+from safetensors import safe_open
 from torchvision import transforms as T
 
-from .checkpoint import find_latest, load_weights
-from .config import ConfigError, config_from_mapping
+from .checkpoint import CheckpointError, find_latest, load_plain, load_weights
 from .data.decode import UndecodableImage, decode_rgb
 from .data.pipeline import DataError, ShardLoader
 from .data.transforms import eval_transform, to_model_input
-from .encoder import ENCODER_FILE, encoder_metadata
-from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
-from .pretrain import PretrainConfig, model_config
+from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, model_config
 
+ENCODER_FILE = "encoder.safetensors"  # what pretraining exports at its end
+EXPORTS = {"pretrain": ENCODER_FILE, "finetune": "model.safetensors"}  # the file each stage writes at its end
+STAGE_WORDS = {"pretrain": "pretraining", "linprobe": "linear-probe", "finetune": "fine-tuning"}
 ACCEPTED = ("a pretraining or fine-tuning run folder, a checkpoint folder, an encoder.safetensors, "
-            "a released MAE checkpoint ({'model': ...}) or a timm model name with --weights")  # fmt: skip
+            "a released MAE checkpoint ({'model': ...}) or a timm model name with its weights file")  # fmt: skip
+
+SourceKind = Literal["run", "checkpoint", "encoder", "released", "timm"]
 
 
 class SourceError(ValueError):
     """A path or name that gives no usable model or image; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class TimmSpec:
+    """``timm.create_model(name, **kwargs)`` builds the encoder (head, image size and depth
+    are still read from the weights where they differ)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: MAEConfig) -> TimmSpec:
+        """The timm model an autoencoder's encoder is."""
+        return cls(cfg.timm_model, cfg.timm_kwargs())
+
+
+@dataclass
+class ResolvedSource:
+    """What ``source`` (as the user gave it) is. ``timm`` is None where the weights record no
+    architecture and match no preset (``no_timm`` says why); ``mae`` is None where there
+    is no decoder; ``stage`` is None for files no stage wrote as its own (encoder files,
+    released files, timm weights). The weights are read on first use, once."""
+
+    source: str
+    kind: SourceKind
+    description: str  # names the weights actually used, e.g. "pretraining run runs/pt (ckpt-00000096)"
+    weights_file: Path
+    timm: TimmSpec | None
+    mae: MAEConfig | None = None
+    stage: str | None = None
+    no_timm: str = ""
+    # how the weights file becomes a state dict in this project's names; None: it already is one
+    read: Callable[[Path], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All the weights (decoder and head included), DDP's ``module.`` prefix stripped."""
+        if self._weights is None:
+            sd = (self.read or _read_weights)(self.weights_file)
+            self._weights = {k.removeprefix("module."): v for k, v in sd.items()}
+        return self._weights
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights in timm names: no decoder, no mask token."""
+        return encoder_only(self.state_dict())
+
+    def require_timm(self, hint: str) -> TimmSpec:
+        """The timm spec, or a one-line refusal that ends with the caller's ``hint`` (what to give instead)."""
+        if self.timm is None:
+            raise SourceError(f"{self.description}: {self.no_timm}; {hint}")
+        return self.timm
+
+
+def resolve_source(source: str | Path, weights: str | Path | None = None) -> ResolvedSource:
+    """The one answer to "what is this path or name?"; a one-line ``SourceError`` if it is none.
+
+    Precedence: a **run folder** (``config.yaml``) means the weights of its latest complete
+    checkpoint, the newest state the run reached, with its decoder; the file the stage
+    exports at its end (``encoder.safetensors``, a fine-tuning run's ``model.safetensors``)
+    only when no checkpoint is left. The two hold the same weights when a run has ended
+    (its last epoch is always checkpointed); while it runs or after it was stopped, only
+    the checkpoint is current. A fine-tuning run's ``best.safetensors`` is never implied:
+    give the file itself. The stage that made a run or checkpoint is the one it recorded.
+
+    The other kinds: a **checkpoint** folder (``state.pt`` + ``model.safetensors``, or that
+    ``model.safetensors`` itself); an **encoder** file (safetensors recording its timm
+    model, as pretraining exports it); a **released** file, weights that record no
+    architecture (the official ``{'model': ...}`` .pth), matched to a preset by shapes;
+    a **timm** model name with a ``weights`` file."""
+    kind = source_kind(source, weights)
+    if kind == "timm":
+        return _timm_name(str(source), Path(weights))
+    return PATH_KINDS[kind](Path(source))
+
+
+def source_kind(source: str | Path, weights: str | Path | None = None) -> SourceKind:
+    """Which kind ``source`` is, from what is on disk (no weights read), or a one-line refusal."""
+    path = Path(source)
+    if weights is not None:
+        if path.exists():
+            raise SourceError(f"--weights goes with a timm model name, not with the path {source}")
+        return "timm"
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            return "run"
+        if _is_checkpoint(path):
+            return "checkpoint"
+        raise SourceError(f"{source}: a folder with neither config.yaml (a run) nor state.pt (a checkpoint); "
+                          f"give {ACCEPTED}")  # fmt: skip
+    if path.is_file():
+        if path.name == "model.safetensors" and _is_checkpoint(path.parent):
+            return "checkpoint"
+        return "encoder" if _timm_metadata(path) else "released"
+    if _is_timm_name(str(source)):
+        raise SourceError(f"{source} is a timm model name: give its weights with --weights FILE "
+                          f"(to a stage: model={source} pretrained=FILE)")  # fmt: skip
+    raise SourceError(f"{source}: no such file or folder, and not a timm model name; give {ACCEPTED}")
+
+
+# -------------------------------------------------------------------------- the kinds
+
+
+def _run(path: Path) -> ResolvedSource:
+    """A run folder: its latest checkpoint, else the file its stage exports (see ``resolve_source``)."""
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SourceError(f"{path}/config.yaml: not a readable run config ({type(err).__name__})") from None
+    stage = _stage(config.get("stage"), config, path / "config.yaml")
+    _check_leaves_a_model(stage, config, f"{path}")
+    latest = find_latest(path)
+    if latest is not None:
+        return replace(_checkpoint(latest, run=path), kind="run", source=str(path))
+    export = EXPORTS.get(stage)
+    if not (path / export).is_file():
+        raise SourceError(f"{path}: a {STAGE_WORDS[stage]} run with no checkpoint and no {export} yet")
+    where = f"{STAGE_WORDS[stage]} run {path} ({export})"
+    return _trained("run", str(path), stage, config, path / export, where, decoder=False)
+
+
+def _checkpoint(path: Path, run: Path | None = None) -> ResolvedSource:
+    """A checkpoint folder, or its ``model.safetensors``; ``run``: the run folder it was found in."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        state = load_plain(folder / "state.pt")
+    except CheckpointError as err:
+        raise SourceError(str(err)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise SourceError(f"{folder / 'state.pt'}: records no config, so not a checkpoint of this project")
+    config = state["config"]
+    stage = _stage(state.get("stage"), config, folder / "state.pt")
+    words = STAGE_WORDS.get(stage, stage)
+    where = f"{words} run {run} ({folder.name})" if run else f"{words} checkpoint {folder}"
+    return _trained("checkpoint", str(path), stage, config, folder / "model.safetensors", where)
+
+
+def _encoder_file(path: Path) -> ResolvedSource:
+    meta = _timm_metadata(path)
+    return ResolvedSource(str(path), "encoder", f"encoder {path}", path, TimmSpec(meta["timm_name"], meta["timm_kwargs"]))
+
+
+def _released(path: Path) -> ResolvedSource:
+    """Weights that record no architecture: the preset of the same shapes gives it."""
+    sd = {k.removeprefix("module."): v for k, v in _read_weights(path).items()}
+    if "patch_embed.proj.weight" not in sd:
+        raise SourceError(f"{path}: holds no ViT weights (no patch_embed.proj.weight); give {ACCEPTED}")
+    found = _preset_for(sd)
+    if isinstance(found, str):
+        return ResolvedSource(str(path), "released", str(path), path, None, no_timm=found, _weights=sd)
+    preset, cfg = found
+    mae = cfg if any(k.startswith(DECODER_PREFIXES) for k in sd) else None
+    return ResolvedSource(str(path), "released", f"{path} (as {preset})", path, TimmSpec.of(cfg), mae, _weights=sd)
+
+
+def _timm_name(name: str, weights: Path) -> ResolvedSource:
+    if not _is_timm_name(name):
+        raise SourceError(f"{name}: not a timm model name (timm.list_models() lists them)")
+    if not weights.is_file():
+        raise SourceError(f"--weights {weights}: no such file")
+    sd = _read_weights(weights, f"--weights {weights}")
+    return ResolvedSource(name, "timm", f"{name} with {weights}", weights, TimmSpec(name), _weights=sd)
+
+
+PATH_KINDS: dict[SourceKind, Callable[[Path], ResolvedSource]] = {
+    "run": _run, "checkpoint": _checkpoint, "encoder": _encoder_file, "released": _released,
+}  # fmt: skip
+
+
+# ------------------------------------------------------------- what a stage recorded
+
+
+def _stage(recorded: str | None, config: dict[str, Any], where: Path) -> str:
+    """The stage that wrote ``config``: the one it recorded."""
+    if recorded:
+        return recorded
+    # Runs and checkpoints written before the stage was recorded (no "stage" key): told
+    # apart by a setting only their stage has.
+    for key, stage in (("model_overrides", "pretrain"), ("layer_decay", "finetune"), ("knn", "linprobe")):
+        if key in config:
+            return stage
+    raise SourceError(f"{where}: records no stage, and its settings are none of pretrain's, finetune's or linprobe's")
+
+
+def _trained(kind: SourceKind, source: str, stage: str, config: dict[str, Any], weights: Path, where: str, *,
+             decoder: bool = True) -> ResolvedSource:  # fmt: skip
+    """The weights ``weights`` of a run or checkpoint of ``stage``, described by the config it
+    recorded; ``decoder``: whether they hold pretraining's decoder (a checkpoint does, the
+    exported encoder does not)."""
+    _check_leaves_a_model(stage, config, where)
+    if stage == "pretrain":
+        try:
+            cfg = model_config(config)
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"{where}: its config no longer builds a model: {err}") from None
+        return ResolvedSource(source, kind, where, weights, TimmSpec.of(cfg), cfg if decoder else None, stage)
+    spec, why = _finetuned_spec(config)  # the stages that leave a model: pretrain, finetune
+    return ResolvedSource(source, kind, where, weights, spec, None, stage, no_timm=why)
+
+
+def _check_leaves_a_model(stage: str, config: dict[str, Any], where: str) -> None:
+    """Refuse the runs of a stage that leaves no model of its own to load."""
+    if stage == "linprobe":
+        raise SourceError(f"{where}: a linear-probe run trains a head on a frozen encoder; give that encoder "
+                          f"(its pretrained={config.get('pretrained')})")  # fmt: skip
+    if stage not in EXPORTS:
+        raise SourceError(f"{where}: made by the {stage} stage, which leaves no model to load; give {ACCEPTED}")
+
+
+def _finetuned_spec(config: dict[str, Any]) -> tuple[TimmSpec | None, str]:
+    """A fine-tuning run's timm model: the one it named, or with ``model=auto`` the one of the
+    encoder it started from (if that is still there); else None and why."""
+    kwargs = dict(config.get("model_kwargs") or {})
+    if config.get("model", "auto") != "auto":
+        return TimmSpec(config["model"], kwargs), ""
+    pretrained = config.get("pretrained", "none")
+    try:
+        base = resolve_source(pretrained).timm if pretrained != "none" else None
+    except SourceError:
+        base = None
+    if base is None:
+        return None, f"it ran with model=auto and its pretrained={pretrained} no longer names a timm model"
+    return TimmSpec(base.name, {**base.kwargs, **kwargs}), ""
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _timm_metadata(path: Path) -> dict[str, Any]:
+    """The timm model an exported encoder records in its metadata; {} for any other file."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not safetensors after all: reading the weights will say so
+        return {}
+    if "timm_name" not in meta:
+        return {}
+    return {"timm_name": meta["timm_name"], "timm_kwargs": json.loads(meta.get("timm_kwargs", "{}"))}
+
+
+def _read_weights(path: Path, what: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict, or a one-line refusal (a torch file holding code keeps its own message)."""
+    try:
+        sd = load_weights(path)
+    except CheckpointError as err:
+        if "refused to load" in str(err):  # a file holding code: its own message names the danger
+            raise SourceError(str(err)) from None
+        raise SourceError(f"{what or path}: not a weights file torch or safetensors can read; give {ACCEPTED}") from None
+    except Exception as err:  # torch and safetensors raise many types for a file that is not weights
+        raise SourceError(f"{what or path}: not a weights file torch or safetensors can read "
+                          f"({type(err).__name__}); give {ACCEPTED}") from None  # fmt: skip
+    if not isinstance(sd, dict):
+        raise SourceError(f"{what or path}: holds a {type(sd).__name__}, not a state dict; give {ACCEPTED}")
+    return sd
+
+
+def _preset_for(sd: dict[str, torch.Tensor]) -> tuple[str, MAEConfig] | str:
+    """For weights that record no architecture (a released checkpoint): the preset of the
+    same width, patch and decoder width (which fix the heads), with the depths, MLP ratio
+    and image size read from the weights; else why none fits."""
+    w = sd["patch_embed.proj.weight"]
+    shape = dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=w.shape[-1])
+    if "blocks.0.mlp.fc1.weight" not in sd:
+        return "records no architecture and its blocks are not a plain ViT's"
+    read = dict(depth=_depth(sd, "blocks."), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+                mixer=_mixer(sd, "blocks.0."))  # fmt: skip
+    if "decoder_embed.weight" in sd:
+        shape["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
+        read.update(decoder_depth=_depth(sd, "decoder_blocks."), decoder_mixer=_mixer(sd, "decoder_blocks.0."))
+    for name, preset in PRESETS.items():
+        if all(getattr(preset, k) == v for k, v in shape.items()):
+            grid = _grid_of(sd["pos_embed"].shape[1]) if "pos_embed" in sd else preset.grid_size
+            return name, replace(preset, **read, img_size=grid * preset.patch_size, norm_pix_loss=False)
+    return f"records no architecture and no preset has its shapes ({', '.join(f'{k} {v}' for k, v in shape.items())})"
+
+
+# ------------------------------------------------------------------ the tools' models
 
 
 @dataclass
@@ -67,128 +355,19 @@ class Source:
 
 
 def load_source(source: str, weights: str | None = None, *, norm_pix_loss: bool | None = None) -> Source:
-    """The model behind ``source`` (see the module docstring). ``norm_pix_loss`` overrides
-    what the source says about its decoder's target (released checkpoints: raw pixels,
-    as the official visualisation checkpoints were trained)."""
-    path = Path(source)
-    if weights is not None:
-        if path.exists():
-            raise SourceError(f"--weights goes with a timm model name, not with the path {source}")
-        return _timm_source(source, weights)
-    if path.is_dir():
-        if (path / "config.yaml").is_file():
-            return _run_folder(path, norm_pix_loss)
-        if (path / "state.pt").is_file() and (path / "model.safetensors").is_file():
-            return _checkpoint_folder(path, norm_pix_loss)
-        raise SourceError(f"{source}: a folder with neither config.yaml (a run) nor state.pt (a checkpoint); "
-                          f"give {ACCEPTED}")  # fmt: skip
-    if path.is_file():
-        if path.name == "model.safetensors" and (path.parent / "state.pt").is_file():
-            return _checkpoint_folder(path.parent, norm_pix_loss)
-        return _weights_file(path, norm_pix_loss)
-    if _is_timm_name(source):
-        raise SourceError(f"{source} is a timm model name: give its weights with --weights FILE")
-    raise SourceError(f"{source}: no such file or folder, and not a timm model name; give {ACCEPTED}")
-
-
-# -------------------------------------------------------------------------- the kinds
-
-
-def _run_folder(path: Path, norm_pix_loss: bool | None) -> Source:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    if "model_overrides" in config:  # pretraining: the latest checkpoint has the decoder
-        latest = find_latest(path)
-        if latest is not None:
-            return _checkpoint_folder(latest, norm_pix_loss, run=path)
-        if (path / ENCODER_FILE).is_file():
-            return _weights_file(path / ENCODER_FILE, norm_pix_loss)
-        raise SourceError(f"{path}: a pretraining run with no checkpoint and no {ENCODER_FILE} yet")
-    if "layer_decay" in config:  # fine-tuning
-        for name in ("model.safetensors", "best.safetensors"):
-            if (path / name).is_file():
-                return _finetuned(path / name, config, f"fine-tuning run {path} ({name})")
-        latest = find_latest(path)
-        if latest is not None:
-            return _finetuned(latest / "model.safetensors", config, f"fine-tuning run {path} ({latest.name})")
-        raise SourceError(f"{path}: a fine-tuning run with no weights yet")
-    raise SourceError(f"{path}: its config.yaml is neither a pretraining nor a fine-tuning run's; give {ACCEPTED}")
-
-
-def _checkpoint_folder(path: Path, norm_pix_loss: bool | None, run: Path | None = None) -> Source:
-    config = torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("config", {})
-    if "model_overrides" in config:
-        where = f"pretraining run {run} ({path.name})" if run else f"pretraining checkpoint {path}"
-        try:
-            cfg = model_config(config_from_mapping(PretrainConfig, config, str(path / "state.pt")))
-        except ConfigError as err:
-            raise SourceError(f"{path}: its config no longer builds a model: {err}") from None
-        if norm_pix_loss is not None:
-            cfg = replace(cfg, norm_pix_loss=norm_pix_loss)
-        return _mae_source(cfg, load_weights(path), where)
-    if "layer_decay" in config:
-        return _finetuned(path / "model.safetensors", config, f"fine-tuning checkpoint {path}")
-    raise SourceError(f"{path}: a checkpoint of neither pretraining nor fine-tuning")
-
-
-def _weights_file(path: Path, norm_pix_loss: bool | None) -> Source:
-    sd, meta = _read_weights(path, str(path))
-    if meta:  # an exported encoder records its timm architecture
-        return Source(f"encoder {path}", _timm_encoder(meta["timm_name"], meta["timm_kwargs"], encoder_only(sd), path))
-    if not isinstance(sd, dict) or "patch_embed.proj.weight" not in {k.removeprefix("module.") for k in sd}:
-        raise SourceError(f"{path}: holds no ViT weights (no patch_embed.proj.weight); give {ACCEPTED}")
-    preset, cfg = _preset_for(sd, path)
-    if norm_pix_loss is not None:
-        cfg = replace(cfg, norm_pix_loss=norm_pix_loss)
-    return _mae_source(cfg, sd, f"{path} (as {preset})")
-
-
-def _finetuned(weights: Path, config: dict[str, Any], where: str) -> Source:
-    name = config.get("model", "auto")
-    kwargs = dict(config.get("model_kwargs") or {})
-    if name == "auto":
-        try:
-            meta = encoder_metadata(config.get("pretrained", ""))
-        except FileNotFoundError:
-            meta = {}
-        if not meta:
-            raise SourceError(f"{where}: ran with model=auto and its pretrained={config.get('pretrained')} is gone; "
-                              f"give the timm name: <name> --weights {weights}")  # fmt: skip
-        name, kwargs = meta["timm_name"], {**meta["timm_kwargs"], **kwargs}
-    return Source(where, _timm_encoder(name, kwargs, load_weights(weights), weights))
-
-
-def _timm_source(name: str, weights: str) -> Source:
-    if not _is_timm_name(name):
-        raise SourceError(f"{name}: not a timm model name (timm.list_models() lists them)")
-    path = Path(weights)
-    if not path.is_file():
-        raise SourceError(f"--weights {weights}: no such file")
-    sd, _ = _read_weights(path, f"--weights {weights}")
-    return Source(f"{name} with {weights}", _timm_encoder(name, {}, encoder_only(sd), path))
-
-
-# ------------------------------------------------------------------------ the builders
-
-
-def _read_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A state dict and, for an exported encoder, its recorded timm architecture."""
-    try:
-        meta = encoder_metadata(path) if path.suffix == ".safetensors" else {}
-        return load_weights(path), meta
-    except Exception as err:  # torch and safetensors raise many types for a file that is not weights
-        raise SourceError(f"{what}: not a weights file torch or safetensors can read "
-                          f"({type(err).__name__}); give {ACCEPTED}") from None  # fmt: skip
-
-
-def _mae_source(cfg: MAEConfig, sd: dict[str, torch.Tensor], where: str) -> Source:
-    """The autoencoder (when the weights have a decoder) and its encoder as a timm model."""
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    """The models behind ``source`` (``resolve_source`` says which weights). ``norm_pix_loss``
+    overrides what the source says about its decoder's target (released checkpoints: raw
+    pixels, as the official visualisation checkpoints were trained)."""
+    src = resolve_source(source, weights)
+    spec = src.require_timm(f"give a timm model name with them: NAME --weights {src.weights_file} "
+                            "(encoder analyses only)")  # fmt: skip
+    sd = src.state_dict()
     mae = None
-    if any(k.startswith(DECODER_PREFIXES) for k in sd):
-        mae = MaskedAutoencoderViT(cfg)
-        _load(mae, sd, where)
+    if src.mae is not None:
+        mae = MaskedAutoencoderViT(src.mae if norm_pix_loss is None else replace(src.mae, norm_pix_loss=norm_pix_loss))
+        _load(mae, sd, src.description)
         mae.eval()
-    return Source(where, _timm_encoder(cfg.timm_model, cfg.timm_kwargs(), encoder_only(sd), where), mae)
+    return Source(src.description, _timm_encoder(spec.name, spec.kwargs, encoder_only(sd), src.description), mae)
 
 
 def _timm_encoder(name: str, kwargs: dict[str, Any], sd: dict[str, torch.Tensor], where: Any) -> nn.Module:
@@ -217,26 +396,6 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], where: Any) -> None:
     except RuntimeError as err:
         first = str(err).splitlines()[1:3]
         raise SourceError(f"{where}: the weights do not fit the model: {' '.join(s.strip() for s in first)}") from None
-
-
-def _preset_for(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, MAEConfig]:
-    """For weights that record no architecture (a released checkpoint): the preset of the
-    same width, patch and decoder width (which fix the heads), with the depths, MLP ratio
-    and image size read from the weights."""
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    w = sd["patch_embed.proj.weight"]
-    shape = dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=w.shape[-1])
-    read = dict(depth=_depth(sd, "blocks."), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
-                mixer=_mixer(sd, "blocks.0."))  # fmt: skip
-    if "decoder_embed.weight" in sd:
-        shape["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
-        read.update(decoder_depth=_depth(sd, "decoder_blocks."), decoder_mixer=_mixer(sd, "decoder_blocks.0."))
-    for name, preset in PRESETS.items():
-        if all(getattr(preset, k) == v for k, v in shape.items()):
-            grid = _grid_of(sd["pos_embed"].shape[1]) if "pos_embed" in sd else preset.grid_size
-            return name, replace(preset, **read, img_size=grid * preset.patch_size, norm_pix_loss=False)
-    raise SourceError(f"{path}: no preset has its shapes ({', '.join(f'{k} {v}' for k, v in shape.items())}); "
-                      "give a timm model name with --weights (encoder analyses only)")  # fmt: skip
 
 
 def _mixer(sd: dict[str, torch.Tensor], block: str) -> str:

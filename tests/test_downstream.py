@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mae.config import ConfigError
-from mae.encoder import create_vit, encoder_state_dict
+from mae.encoder import create_vit
 from mae.evaluation import knn_classify, topk_correct
 from mae.finetune import optimizer_groups
 from mae.linprobe import LinearProbe, lars_for
@@ -21,6 +21,7 @@ from mae.metrics import read_metrics
 from mae.models import create_model
 from mae.models.pos_embed import resize_pos_embed
 from mae.pretrain import save_encoder
+from mae.sources import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = ["data.train=shards/cifar10/test-{000000..000003}.tar", "data.val=shards/cifar10/test-000000.tar",
@@ -111,7 +112,7 @@ def test_official_release_checkpoint_feeds_both_stages(tmp_path):
     mae = create_model("mae_vit_tiny_patch4_32")
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": mae.state_dict()}, path)
-    sd = encoder_state_dict(path)
+    sd = resolve_source(path).encoder_state_dict()
     assert not any(k.startswith(("decoder", "mask_token")) for k in sd)
     for pool in ("token", "avg"):
         vit = create_vit("vit_tiny_patch16_224", str(path), num_classes=10, img_size=32, patch_size=4, global_pool=pool)

@@ -2,6 +2,9 @@
 package registers the feed-forward ViTs (``vit_ff_*``) with timm."""
 
 from . import vit_ff  # noqa: F401  (registers the timm models)
-from .mae_vit import PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn, create_model, preset_config
+from .mae_vit import (
+    PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn, create_model, model_config, preset_config,
+)  # fmt: skip
 
-__all__ = ["PRESETS", "MAEConfig", "MaskedAutoencoderViT", "checkpoint_filter_fn", "create_model", "preset_config"]
+__all__ = ["PRESETS", "MAEConfig", "MaskedAutoencoderViT", "checkpoint_filter_fn", "create_model", "model_config",
+           "preset_config"]

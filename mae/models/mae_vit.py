@@ -46,7 +46,7 @@ pretraining, and the question is the encoder's.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -549,3 +549,16 @@ def preset_config(name: str, **overrides: Any) -> MAEConfig:
     if unknown:
         raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return replace(PRESETS[name], **overrides)
+
+
+# a pretraining run's settings that are MAEConfig fields too, besides model and model_overrides
+RUN_MODEL_KEYS = ("mask_ratio", "norm_pix_loss")
+
+
+def model_config(run: Mapping[str, Any]) -> MAEConfig:
+    """The autoencoder a pretraining run builds, from its settings: the stage's config as a
+    mapping, its ``config.yaml`` or the config its checkpoints record. Only ``model``,
+    ``model_overrides``, ``mask_ratio`` and ``norm_pix_loss`` are read, so a model is rebuilt
+    here, next to the presets, without importing the stage or checking its other keys."""
+    settings = {k: run[k] for k in RUN_MODEL_KEYS if k in run}
+    return preset_config(run["model"], **settings, **(run.get("model_overrides") or {}))
