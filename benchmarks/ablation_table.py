@@ -13,6 +13,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from mae.files import write_atomic
+
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
 
 # (block, arm, what it is); the baseline row appears in every block it belongs to
@@ -118,7 +120,7 @@ def write(table: Path, text: str) -> None:
         new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
-    table.write_text(new)
+    write_atomic(table, new)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from mae.files import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +41,7 @@ def run(out: Path, precision: str, seeds: list[int], extra: list[str]) -> None:
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         wall = time.perf_counter() - start
-        (folder / "wall.json").write_text(json.dumps({"wall_s": wall, "cmd": cmd}))
+        write_atomic(folder / "wall.json", json.dumps({"wall_s": wall, "cmd": cmd}))
         print(f"{precision} seed {seed}: {wall:.0f} s; {proc.stdout.splitlines()[0]}")
 
 

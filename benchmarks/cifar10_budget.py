@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pretrain_step import cpu_name, peer_config, peer_model  # noqa: E402
+from mae.files import write_atomic  # noqa: E402
 from mae.models.mae_vit import preset_config  # noqa: E402
 from mae.optim import lr_at, param_groups  # noqa: E402
 from mae.precision import cpu_flags  # noqa: E402
@@ -144,7 +145,7 @@ def train_peer(images: Path, minutes: float, seed: int, out: Path, peak: float =
     spent = time.perf_counter() - start
     print(f"peer: {step} steps ({step * 128} images) in {spent:.0f} s, planned {total}, last loss {curve[-1]['loss'] if curve else float('nan'):.4f}",
           flush=True)  # fmt: skip
-    torch.save(model.vit.state_dict(), out / "peer_encoder.pt")
+    write_atomic(out / "peer_encoder.pt", lambda p: torch.save(model.vit.state_dict(), p))
     return {"images_seen": step * 128, "steps": step, "train_s": spent, "curve": curve}
 
 
@@ -329,7 +330,7 @@ def main() -> None:
                "random": lambda: ProjectFeatures(random_encoder(args.work, args.seed))}[arm]()  # fmt: skip
         results[arm] = {**evaluate(net, data, args.work / arm), **trained.get(arm, {})}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "cifar10_budget.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(args.results / "cifar10_budget.json", json.dumps(results, indent=1) + "\n")
     plot(results, args.results / "cifar10_budget.png")
     for arm in ("project", "peer", "random"):
         if arm in results:

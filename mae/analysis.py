@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.func import jacrev, vmap
 
 from .data.transforms import denormalize
+from .files import write_atomic
 from .models.mae_vit import MaskedAutoencoderViT
 from .models.masking import SAMPLINGS as MASK_SAMPLINGS
 from .models.masking import check_sampling, mask_noise
@@ -372,6 +373,4 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
             return {k: rounded(v) for k, v in value.items()}
         return value
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rounded(data)) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(rounded(data)) + "\n")

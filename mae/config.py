@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .files import write_atomic
+
 C = TypeVar("C")
 
 
@@ -161,7 +163,7 @@ def config_from_mapping(cls: type[C], data: dict[str, Any], source: str) -> C:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

@@ -22,6 +22,7 @@ from .data.transforms import eval_transform, probe_transform
 from .downstream import DownstreamConfig, setup
 from .engine import FitResult, NonFiniteLoss, Trainer, base_lr, effective_batch
 from .evaluation import ClassificationTask, extract_features, gather_all, knn_classify, topk_correct
+from .files import write_atomic
 from .metrics import MetricsLogger
 from .optim import lr_at
 
@@ -108,7 +109,8 @@ class ProbeTask(ClassificationTask):
 
     def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         head = {k.removeprefix("head."): v for k, v in state_dict.items() if not k.startswith("encoder.")}
-        save_file({k: v.contiguous().cpu() for k, v in head.items()}, str(output_dir / "head.safetensors"))
+        tensors = {k: v.contiguous().cpu() for k, v in head.items()}
+        write_atomic(output_dir / "head.safetensors", lambda p: save_file(tensors, str(p)))
         self.write_results(output_dir)
 
 
