@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from mae.analysis import (
     attention_probabilities, filter_components, mean_distance, mixing_weights, patch_distances,
-    position_similarity, prefix_share,
+    portable_description, position_similarity, prefix_share,
 )  # fmt: skip
 from mae.models.mae_vit import Attention, PatchMlp, encoder_only
 from pipelines import analyze as analyze_cli
@@ -117,6 +117,14 @@ def test_principal_components_of_a_rank_one_filter_bank():
     assert comps.shape == (5, 3, 4, 4) and torch.allclose(comps.flatten(1).norm(dim=1), torch.ones(5, dtype=torch.float64))
 
 
+def test_recorded_description_keeps_only_the_last_name_of_each_given_path():
+    described = portable_description("timm model vit_tiny_patch16_224 with weights /home/me/runs/pt/encoder.safetensors",
+                                     "vit_tiny_patch16_224", "/home/me/runs/pt/encoder.safetensors")  # fmt: skip
+    assert described == "timm model vit_tiny_patch16_224 with weights encoder.safetensors"
+    run_given = portable_description("pretraining run /home/me/runs/pt (ckpt-00000008)", "/home/me/runs/pt/", None)
+    assert run_given == "pretraining run pt (ckpt-00000008)"
+
+
 # -- a tiny real run, in every accepted format
 
 
@@ -176,6 +184,7 @@ def check_encoder_numbers(numbers: dict, depth: int = 2) -> None:
 
 def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"))
+    assert numbers["source"].startswith("pretraining run pt (ckpt-") and str(tiny_run) not in numbers["source"]
     assert set(numbers["files"]) == ATTENTION_FILES | {"reconstructions.png"}
     check_encoder_numbers(numbers)
     # every sampling at every default ratio it can give (grid keeps one patch per 2 x 2 cell: 75% only)
