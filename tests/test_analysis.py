@@ -182,6 +182,7 @@ def check_encoder_numbers(numbers: dict, depth: int = 2) -> None:
     assert len(numbers["patch_embedding_explained_variance"]) == 28
 
 
+@pytest.mark.slow
 def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"))
     assert numbers["source"].startswith("pretraining run pt (ckpt-") and str(tiny_run) not in numbers["source"]
@@ -196,6 +197,7 @@ def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     assert torch.allclose(sim[2, 5].flatten(), position_similarity(table)[2 * 8 + 5], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_other_source_format(tiny_run, tmp_path, images):
     pt = tiny_run / "pt"
     checkpoint = sorted((pt / "checkpoints").iterdir())[-1]
@@ -218,6 +220,7 @@ def test_every_other_source_format(tiny_run, tmp_path, images):
         assert set(numbers["files"]) == expected, kind
 
 
+@pytest.mark.slow
 def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, images):
     numbers = analyze(tmp_path, str(tiny_run / "pt-ff"), "--mask-ratio", "0.5", "0.75")
     assert set(numbers["files"]) == FEEDFORWARD_FILES and numbers["mixer"] == "feedforward"
@@ -231,12 +234,14 @@ def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, 
     assert set(numbers["files"]) == FEEDFORWARD_FILES - {"reconstructions.png"}
 
 
+@pytest.mark.slow
 def test_encoder_only_analyses_need_no_images(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"), "--only", "position", "filters", "--data", "no/such/shards")
     assert set(numbers["files"]) == {"position_similarity.png", "patch_embedding_components.png"}
     assert numbers["images"] == 0
 
 
+@pytest.mark.slow
 def test_reconstruct_writes_one_picture_of_every_ratio(tiny_run, tmp_path, images, capsys):
     out = tmp_path / "rec.png"
     code = reconstruct_cli.main([str(tiny_run / "pt"), *map(str, images), "--mask-ratio", "0.5", "0.9",
@@ -281,6 +286,7 @@ def not_weights(tmp_path_factory) -> Path:
          "--mask-ratio 1.5: a mask ratio is the fraction hidden, in [0, 1)"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_input_gets_one_line(tiny_run, images, not_weights, tmp_path, module, args, message):
     fill = dict(pt=tiny_run / "pt", img=images[0], tmp=tmp_path, bad=not_weights)
     proc = run(module, *(a.format(**fill) for a in args))
