@@ -20,6 +20,7 @@ from mae.analysis import (
     attention_probabilities, filter_components, mean_distance, mixing_weights, patch_distances,
     portable_description, position_similarity, prefix_share,
 )  # fmt: skip
+from mae.models import create_model
 from mae.models.mae_vit import Attention, PatchMlp, encoder_only
 from pipelines import analyze as analyze_cli
 from pipelines import reconstruct as reconstruct_cli
@@ -180,6 +181,23 @@ def check_encoder_numbers(numbers: dict, depth: int = 2) -> None:
     assert len(numbers["class_token_attention"]) == 3  # --maps images x heads x 8 x 8
     assert torch.tensor(numbers["class_token_attention"]).shape == (3, 3, 8, 8)
     assert len(numbers["patch_embedding_explained_variance"]) == 28
+
+
+def test_untrained_model_in_the_released_format_runs_both_tools(tmp_path, images, capsys):
+    """The tools without a training run (the fast tier): a released-format file with its decoder
+    gives every picture and a reconstruction, and analysis.json names the file, not its folder."""
+    torch.manual_seed(0)
+    released = tmp_path / "released.pth"
+    torch.save({"model": create_model("mae_vit_tiny_patch4_32", depth=2).state_dict()}, released)
+    numbers = analyze(tmp_path, str(released), *map(str, images))
+    check_encoder_numbers(numbers)
+    assert set(numbers["files"]) == ATTENTION_FILES | {"reconstructions.png"}
+    assert "released.pth" in numbers["source"] and str(tmp_path) not in numbers["source"]
+    out = tmp_path / "rec.png"
+    code = reconstruct_cli.main([str(released), str(images[0]), "--mask-ratio", "0.75", "--out", str(out),
+                                 "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size[0] > 3 * 96
 
 
 @pytest.mark.slow

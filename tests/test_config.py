@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_bad_yaml_file_is_named(tmp_path):
 def test_override_values_are_read_as_yaml():
     assert parse_overrides(["a=1", "b=0.5", "c=true", "d=null", "e.f=x", "g="]) == {
         "a": 1, "b": 0.5, "c": True, "d": None, "e": {"f": "x"}, "g": ""}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [name for name, stage in STAGES.items() if stage.training])
+def test_each_training_entry_point_names_a_bad_key_before_any_work_and_lists_its_keys(name, tmp_path, capsys):
+    """In this process (the fast tier); the tests below run the stage as its own process."""
+    entry = importlib.import_module(STAGES[name].module)
+    out = tmp_path / "run"
+    assert entry.main([f"output_dir={out}", "blrr=1"]) == 2
+    assert "'blrr'" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(["--help"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(key in listed for key in ("output_dir", "data.train", "resume", "mixed_precision"))
 
 
 @pytest.mark.slow
