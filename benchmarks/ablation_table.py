@@ -1,8 +1,9 @@
 """Writes the ablation table of ``benchmarks/ablations_cifar10.sh`` into a Markdown file.
 
-Usage: python benchmarks/ablation_table.py OUT TABLE.md --script "COMMAND"
+Usage: python benchmarks/ablation_table.py OUT TABLE.md --data DATA
 Reads OUT/<arm>/{pt,lp_cls,lp_avg,ft} and OUT/runs.tsv; replaces the section between the
-ablation markers in TABLE.md (appends it the first time).
+ablation markers in TABLE.md (appends it the first time). The commands are written with the
+placeholders OUT and DATA in place of this machine's folders, so a reader can paste them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 from pathlib import Path
+
+from mae.files import write_atomic
 
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
 
@@ -66,7 +70,16 @@ def cpu() -> str:
     return f"{info.get('Model name', platform.processor()).strip()}, {info.get('CPU(s)', '?').strip()} cores, {' '.join(wanted)}"
 
 
-def section(out: Path, script: str) -> str:
+def with_placeholders(command: str, folders: dict[str, str]) -> str:
+    """``command`` with each folder (as the script was given it) written as its placeholder,
+    wherever it starts a word or a ``key=`` value."""
+    for folder, name in sorted(folders.items(), key=lambda kv: len(kv[0]), reverse=True):
+        pattern = r"(^|[\s='\"])" + re.escape(folder.rstrip("/")) + r"(?=/|$|[\s'\"])"
+        command = re.sub(pattern, lambda m: m.group(1) + name, command)
+    return command
+
+
+def section(out: Path, script: str, folders: dict[str, str]) -> str:
     head = "| block | arm | " + " | ".join(c[2] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * 2 + "---:|" * len(COLUMNS)]
     for block, arm, what in ROWS:
@@ -80,7 +93,7 @@ def section(out: Path, script: str) -> str:
             spread.append(f"{label} {fmt(a, 3 if s == 'pt' else 2)} vs {fmt(b, 3 if s == 'pt' else 2)} "
                           f"(|diff| {fmt(abs(a - b), 3 if s == 'pt' else 2)})")  # fmt: skip
     timing = ["| arm | stage | wall time (s) |", "|---|---|---:|"] + [f"| {r[0]} | {r[1]} | {r[2]} |" for r in runs(out)]
-    commands = [r[3] for r in runs(out)]
+    commands = [with_placeholders(r[3], folders) for r in runs(out)]
     total = sum(int(r[2]) for r in runs(out))
     return "\n".join([
         START,
@@ -118,16 +131,18 @@ def write(table: Path, text: str) -> None:
         new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
-    table.write_text(new)
+    write_atomic(table, new)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the script's OUT folder")
+    parser.add_argument("out", help="the script's OUT folder, as the script was given it")
     parser.add_argument("table", type=Path, help="Markdown file to write the section into")
+    parser.add_argument("--data", default=None, help="the script's DATA folder, as the script was given it")
     parser.add_argument("--script", default="bash benchmarks/ablations_cifar10.sh DATA OUT", help="the command, as shown")
     args = parser.parse_args()
-    write(args.table, section(args.out, args.script))
+    folders = {args.out: "OUT", **({args.data: "DATA"} if args.data else {})}
+    write(args.table, section(Path(args.out), args.script, folders))
     print(f"wrote the ablation table to {args.table}")
 
 

@@ -4,7 +4,8 @@
 # Usage: bash benchmarks/ablations_cifar10.sh DATA OUT
 #   DATA  shard folder: train-000000..000039.tar (50,000 images) and val-000000..000007.tar
 #         (the 10,000 test images), both shuffled, 1,250 per shard. Built here from
-#         ../shared/datasets/cifar10 when DATA has no train-index.json.
+#         $MAE_DATASETS/cifar10/{train,test}.tar.gz (benchmarks/datasets.py) when DATA has
+#         no train-index.json.
 #   OUT   one folder per arm (pt/, lp_cls/, lp_avg/, ft/), runs.tsv (each command and its
 #         wall time); the table goes into BENCHMARKS.md (between the ablation markers).
 # Run it from the repository root, alone on the machine (timings are part of the table).
@@ -28,7 +29,7 @@
 #             Also the baseline's seed 1, for the fine-tune spread.
 # One seed per arm; the baseline's second seed gives the seed-to-seed spread.
 #
-# STAGE_PREFIX, if set, goes before each stage's command (e.g. "flock /tmp/cpu.lock" or "srun").
+# STAGE_PREFIX, if set, goes before each stage's command (e.g. "flock LOCKFILE" or "srun").
 # ABLATION_SMOKE=1 runs every arm and stage on 300 train / 200 test images (1 epoch, small
 # batches, a few minutes) and writes the table to OUT/BENCHMARKS.md instead: it checks the
 # script, its numbers mean nothing.
@@ -36,7 +37,6 @@ set -euo pipefail
 
 DATA=${1:?usage: $0 DATA OUT}
 OUT=${2:?usage: $0 DATA OUT}
-CIFAR=${CIFAR:-../shared/datasets/cifar10}
 mkdir -p "$DATA" "$OUT"
 
 if [[ "${ABLATION_SMOKE:-0}" == 1 ]]; then
@@ -59,6 +59,7 @@ COMMON=(progress=false log_every=20)
 
 # -- shards (once)
 if [[ ! -f "$DATA/train-index.json" || ! -f "$DATA/val-index.json" ]]; then
+    CIFAR=${MAE_DATASETS:?DATA holds no shards: set MAE_DATASETS to a folder holding cifar10/train.tar.gz and cifar10/test.tar.gz (benchmarks/datasets.py)}/cifar10
     SRC=$(mktemp -d)
     trap 'rm -rf "$SRC"' EXIT
     ${STAGE_PREFIX:-} tar -xzf "$CIFAR/train.tar.gz" -C "$SRC"
@@ -119,4 +120,4 @@ finetune() {  # finetune ARM SEED ENCODER_ARGS...
 for arm in baseline feedforward seed1; do finetune "$arm" "$(seed_of "$arm")" pretrained="$OUT/$arm/pt"; done
 for i in 0 1; do finetune "${SCRATCH_NAMES[$i]}" seed=0 "${SCRATCH_KW[@]}" model="${SCRATCH_MODELS[$i]}" layer_decay=1.0; done
 
-python benchmarks/ablation_table.py "$OUT" "$TABLE" --script "bash benchmarks/ablations_cifar10.sh $DATA $OUT"
+python benchmarks/ablation_table.py "$OUT" "$TABLE" --data "$DATA"

@@ -3,9 +3,9 @@ CIFAR preset on the shipped CIFAR-10 shards: 4 epochs, 320 optimiser steps of 64
 images) in fp32 and in bf16, several seeds each; the bf16 curves should stay inside the
 band the fp32 seeds span.
 
-    python benchmarks/bf16_curve.py run --precision no   --seeds 0,1,2 --out /tmp/curves
-    python benchmarks/bf16_curve.py run --precision bf16 --seeds 0,1,2 --out /tmp/curves
-    python benchmarks/bf16_curve.py report --out /tmp/curves
+    python benchmarks/bf16_curve.py run --precision no   --seeds 0,1,2 --out OUT/curves
+    python benchmarks/bf16_curve.py run --precision bf16 --seeds 0,1,2 --out OUT/curves
+    python benchmarks/bf16_curve.py report --out OUT/curves
 
 ``run`` trains one arm per seed through the stage's entry point (each arm a fresh
 process, as a user runs it); ``report`` compares the curves, smoothed by a trailing mean
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mae.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def run(out: Path, precision: str, seeds: list[int], extra: list[str]) -> None:
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         wall = time.perf_counter() - start
-        (folder / "wall.json").write_text(json.dumps({"wall_s": wall, "cmd": cmd}))
+        write_atomic(folder / "wall.json", json.dumps({"wall_s": wall, "cmd": cmd}))
         print(f"{precision} seed {seed}: {wall:.0f} s; {proc.stdout.splitlines()[0]}")
 
 

@@ -2,9 +2,10 @@
 ViTMAE trained the official way, each given the same wall-clock budget for pretraining on
 this machine, then evaluated the same way.
 
-    python benchmarks/cifar10_budget.py --minutes 40 --data /tmp/cifar10-shards --work /tmp/budget
-    python benchmarks/cifar10_budget.py --minutes 10 --seed 1 --arms project --work /tmp/budget-s1
-    python benchmarks/cifar10_budget.py --minutes 10 --arms project --set mask_ratio=0.5 --work /tmp/budget-m05
+    export MAE_DATASETS=DATASETS   # holds cifar10/{train,test}.tar.gz (benchmarks/datasets.py)
+    python benchmarks/cifar10_budget.py --minutes 40 --data DATA --work OUT/budget
+    python benchmarks/cifar10_budget.py --minutes 10 --seed 1 --arms project --work OUT/budget-s1
+    python benchmarks/cifar10_budget.py --minutes 10 --arms project --set mask_ratio=0.5 --work OUT/budget-m05
 
 peer      ``ViTMAEForPreTraining`` with the CIFAR preset's shape (ViT-Tiny encoder, 192 wide, 12
           deep, 3 heads, 4 px patches at 32 px; decoder 128 x 2, 4 heads; norm-pix loss; mask
@@ -50,12 +51,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.datasets import require  # noqa: E402
 from benchmarks.pretrain_step import cpu_name, peer_config, peer_model  # noqa: E402
+from mae.files import write_atomic  # noqa: E402
 from mae.models.mae_vit import preset_config  # noqa: E402
 from mae.optim import lr_at, param_groups  # noqa: E402
 from mae.precision import cpu_flags  # noqa: E402
 
-CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+CIFAR = "cifar10/{part}.tar.gz"  # under $MAE_DATASETS
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PRESET = "mae_vit_tiny_patch4_32"
 RECIPE = ROOT / "pipelines" / "configs" / "mae_vit_tiny_cifar10.yaml"
@@ -75,7 +78,7 @@ def extract(work: Path) -> Path:
     for part in ("train", "test"):
         if not (images / part).is_dir():
             images.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(CIFAR / f"{part}.tar.gz") as tar:
+            with tarfile.open(require(CIFAR.format(part=part), "the CIFAR-10 race")) as tar:
                 tar.extractall(images, filter="data")
     return images
 
@@ -144,7 +147,7 @@ def train_peer(images: Path, minutes: float, seed: int, out: Path, peak: float =
     spent = time.perf_counter() - start
     print(f"peer: {step} steps ({step * 128} images) in {spent:.0f} s, planned {total}, last loss {curve[-1]['loss'] if curve else float('nan'):.4f}",
           flush=True)  # fmt: skip
-    torch.save(model.vit.state_dict(), out / "peer_encoder.pt")
+    write_atomic(out / "peer_encoder.pt", lambda p: torch.save(model.vit.state_dict(), p))
     return {"images_seen": step * 128, "steps": step, "train_s": spent, "curve": curve}
 
 
@@ -329,7 +332,7 @@ def main() -> None:
                "random": lambda: ProjectFeatures(random_encoder(args.work, args.seed))}[arm]()  # fmt: skip
         results[arm] = {**evaluate(net, data, args.work / arm), **trained.get(arm, {})}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "cifar10_budget.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(args.results / "cifar10_budget.json", json.dumps(results, indent=1) + "\n")
     plot(results, args.results / "cifar10_budget.png")
     for arm in ("project", "peer", "random"):
         if arm in results:

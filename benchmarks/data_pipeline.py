@@ -1,10 +1,10 @@
 """Data path throughput: this project's loader against torchvision's, the shard builder's
 scaling with workers, and the pretraining stage end to end against its own bare step.
 
-    python benchmarks/data_pipeline.py --parts loader,build,stage --json /tmp/data_pipeline.json
+    MAE_DATASETS=DATASETS python benchmarks/data_pipeline.py --parts loader,build,stage --json OUT/data_pipeline.json
 
 loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip) of the 256
-        ImageNet photos of ../shared/datasets/imagenet-sample-256.tar, (a) as they are, each
+        ImageNet photos of $MAE_DATASETS/imagenet-sample-256.tar, (a) as they are, each
         read 4 times per pass (--repeat-a), and (b) upscaled to 4032 x 3024 and saved as JPEG
         quality 90 (a phone camera's size). Peer:
         torchvision's ImageFolder + DataLoader with the same transform ending in ToTensor +
@@ -50,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 
 from mae.data.pipeline import ShardLoader  # noqa: E402
 from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform, to_model_input  # noqa: E402
+from benchmarks.datasets import require  # noqa: E402
 from benchmarks.pretrain_step import cpu_name  # noqa: E402
 from shards.build import build_shards  # noqa: E402
 
-PHOTOS = Path("/work/shared/datasets/imagenet-sample-256.tar")
+PHOTOS = "imagenet-sample-256.tar"  # under $MAE_DATASETS
 SIZE, BATCH = 224, 64
 
 
@@ -62,7 +63,7 @@ def prepare(work: Path) -> dict[str, Path]:
     folders = {"a": work / "photos-a" / "all", "b": work / "photos-b" / "all"}  # ImageFolder: one class
     if not folders["a"].exists():
         folders["a"].mkdir(parents=True)
-        with tarfile.open(PHOTOS) as tar:
+        with tarfile.open(require(PHOTOS, "the loader, build and scales parts")) as tar:
             for m in tar:
                 if m.isfile():
                     (folders["a"] / Path(m.name).name).write_bytes(tar.extractfile(m).read())

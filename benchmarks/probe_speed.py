@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mae.files import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,7 @@ def features(args: argparse.Namespace) -> None:
     out = _encode(probe, LinprobeConfig(data=data, batch_size=256), acc, train, val, size)
     wall = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({"train": out["train"], "val": out["val"]}, args.out / "features.pt")
+    write_atomic(args.out / "features.pt", lambda p: torch.save({"train": out["train"], "val": out["val"]}, p))
     n = len(out["train"][0]) + len(out["val"][0])
     print(f"encoded {n} images in {wall:.1f} s ({n / wall:.0f} img/s, {precision.describe()})")
     (args.out / "encode.json").write_text(json.dumps({"images": n, "wall_s": wall, "precision": precision.describe()}))

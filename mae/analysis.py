@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.func import jacrev, vmap
 
 from .data.transforms import denormalize
+from .files import write_atomic
 from .models.mae_vit import MaskedAutoencoderViT
 from .models.masking import SAMPLINGS as MASK_SAMPLINGS
 from .models.masking import check_sampling, mask_noise
@@ -242,16 +243,18 @@ def choose_analyses(source: Source, only: list[str] | None) -> list[str]:
 def analyze(source: Source, images: torch.Tensor | None, out_dir: str | Path, analyses: list[str], *,
             maps: int = 8, mask_ratios: tuple[float, ...] = (0.5, 0.75, 0.9),
             mask_samplings: tuple[str, ...] = MASK_SAMPLINGS, seed: int = 0,
-            components: int = 28) -> dict[str, Any]:  # fmt: skip
+            components: int = 28, description: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Write the pictures of ``analyses`` and ``analysis.json`` (the numbers behind them) into
     ``out_dir``; ``images`` [N, 3, H, W] normalised, needed for distances, maps and
-    reconstructions. Returns what ``analysis.json`` holds."""
+    reconstructions. ``description``: what the json and the titles call the source (default:
+    ``source.description``). Returns what ``analysis.json`` holds."""
+    described = description or source.description
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = source.encoder
     kind = mixer_kind(encoder)
     img_size, p, grid = patch_geometry(encoder)
-    numbers: dict[str, Any] = {"source": source.description, "mixer": kind, "img_size": img_size, "patch_size": p,
+    numbers: dict[str, Any] = {"source": described, "mixer": kind, "img_size": img_size, "patch_size": p,
                                "grid": grid, "depth": len(encoder.blocks), "analyses": analyses,
                                "images": 0 if images is None else len(images), "files": []}  # fmt: skip
     files: list[Path] = []
@@ -266,7 +269,7 @@ def analyze(source: Source, images: torch.Tensor | None, out_dir: str | Path, an
             numbers[f"class_token_{word}_share"] = share if kind == ATTENTION else [s[0] for s in share]
             numbers["uniform_distance"] = uniform  # every patch weighted equally
             files.append(plot_mean_distance(per_depth, uniform, out / f"{word}_distance.png",
-                                            title=f"{source.description}, {numbers['images']} images",
+                                            title=f"{described}, {numbers['images']} images",
                                             ylabel=f"mean {word} distance (pixels)"))  # fmt: skip
         if MAPS[kind] in analyses:
             cls_maps = torch.cat(mixing.cls_maps).reshape(-1, mixing.cls_maps[0].shape[1], grid, grid)
@@ -279,7 +282,7 @@ def analyze(source: Source, images: torch.Tensor | None, out_dir: str | Path, an
             sim = position_similarity(table).reshape(grid, grid, grid, grid)
             numbers["position_similarity"] = sim.tolist()  # [row][col] of the patch, then [row][col] of the others
             files.append(save_position_similarity(sim, out / "position_similarity.png",
-                                                  f"position embedding similarity, {source.description}"))  # fmt: skip
+                                                  f"position embedding similarity, {described}"))  # fmt: skip
         else:  # no position embedding (or an all-zero one): nothing to compare
             numbers["position_similarity"] = None
     if "filters" in analyses:
@@ -342,6 +345,14 @@ def check_masks(ratios: tuple[float, ...] | list[float], samplings: tuple[str, .
         raise AnalysisError(f"--mask-sampling {unknown[0]}: choose from {', '.join(MASK_SAMPLINGS)}")
 
 
+def portable_description(description: str, *given: str | None) -> str:
+    """``description`` with each path the user gave cut to its last name: ``analysis.json`` and
+    the titles travel with the pictures, and a reader elsewhere has none of this machine's folders."""
+    for path in sorted({str(Path(g)) for g in given if g}, key=len, reverse=True):
+        description = description.replace(path, Path(path).name)
+    return description
+
+
 def reconstruct_files(source: str, paths: list[str], mask_ratios: tuple[float, ...], out: str | Path, *,
                       samplings: tuple[str, ...] = ("random",), norm_pix_loss: bool | None = None, seed: int = 0,
                       device: str | None = None,
@@ -372,6 +383,4 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
             return {k: rounded(v) for k, v in value.items()}
         return value
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rounded(data)) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(rounded(data)) + "\n")

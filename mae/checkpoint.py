@@ -5,9 +5,9 @@ Layout of ``<output_dir>/checkpoints/ckpt-<step>/``:
     state.pt              optimiser, step, epoch, config (plain tensors and numbers)
     optimizer-rank<r>.pt  under DeepSpeed ZeRO, each rank's part of the optimiser state
     rng-rank<r>.pt        each rank's RNG states
-A checkpoint is written to ``ckpt-<step>.tmp`` and renamed when every file is complete,
-so a killed job never leaves a half checkpoint where a good one was, and resume ignores
-anything still named ``.tmp``.
+A checkpoint is written to ``ckpt-<step>.tmp`` (each file by ``files.write_atomic``) and
+renamed when every file is complete, so a killed job never leaves a half checkpoint where a
+good one was, and resume ignores anything still named ``.tmp``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
+
+from .files import TMP_SUFFIX, write_atomic
 
 PREFIX = "ckpt-"
 SAFE_FORMATS = ("safetensors, or torch.save of plain tensors, numbers, strings, lists and dicts "
@@ -86,12 +88,6 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def _fsync_write(path: Path, write) -> None:
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def capture_rng() -> dict[str, Any]:
     py = random.getstate()
     np_state = np.random.get_state()
@@ -134,7 +130,7 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
     final = checkpoints_dir(output_dir) / f"{PREFIX}{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + TMP_SUFFIX)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -144,18 +140,18 @@ def save_checkpoint(
         tensors = {"model": weights, **{k: m.state_dict() for k, m in (extra or {}).items()}}
         for name, sd in tensors.items():
             plain = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-            _fsync_write(tmp / f"{name}.safetensors", lambda p, w=plain: save_file(w, str(p)))
+            write_atomic(tmp / f"{name}.safetensors", lambda p, w=plain: save_file(w, str(p)))
         payload = dict(state, optimizer_sharded=sharded)
         if not sharded:
             payload["optimizer"] = optimizer.state_dict()
         if accelerator.scaler is not None:
             payload["scaler"] = accelerator.scaler.state_dict()
-        _fsync_write(tmp / "state.pt", lambda p: torch.save(payload, p))
+        write_atomic(tmp / "state.pt", lambda p: torch.save(payload, p))
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
-    _fsync_write(tmp / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
+    write_atomic(tmp / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
     if sharded:
-        _fsync_write(tmp / f"optimizer-rank{rank}.pt", lambda p: torch.save(optimizer.state_dict(), p))
+        write_atomic(tmp / f"optimizer-rank{rank}.pt", lambda p: torch.save(optimizer.state_dict(), p))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again: swap, never leave neither

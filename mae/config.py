@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .files import write_atomic
+
 C = TypeVar("C")
 
 
@@ -164,7 +166,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """The resolved settings, headed by the ``stage`` that ran them (the config class's
     ``stage``), so a run folder says what made it and nothing has to guess from its keys."""
     stage = {"stage": cfg.stage} if isinstance(getattr(cfg, "stage", None), str) else {}
-    Path(path).write_text(yaml.safe_dump({**stage, **dataclasses.asdict(cfg)}, sort_keys=False))
+    write_atomic(path, yaml.safe_dump({**stage, **dataclasses.asdict(cfg)}, sort_keys=False))
 
 
 def _without_stage(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:

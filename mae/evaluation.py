@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .collectives import all_ranks, sum_ranks
 from .data.transforms import to_model_input
 from .engine import Task
+from .files import write_atomic
 
 
 def lockstep(batches: Iterable[dict[str, Any]], accelerator: Any, pad_shape: tuple[int, ...]) -> Iterator[tuple[dict[str, Any], bool]]:
@@ -126,5 +127,5 @@ class ClassificationTask(Task):
         return metrics
 
     def write_results(self, output_dir: Path) -> None:
-        (output_dir / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
+        write_atomic(output_dir / "results.json", json.dumps(self.results, indent=1) + "\n")
         print("results: " + ", ".join(f"{k} {v:.2f}" for k, v in self.results.items()))

@@ -23,6 +23,7 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .downstream import DownstreamConfig, setup
 from .engine import FitResult, Trainer, base_lr
 from .evaluation import ClassificationTask
+from .files import write_atomic
 from .optim import adamw
 
 
@@ -117,7 +118,7 @@ class FinetuneTask(ClassificationTask):
         if self.acc.is_main_process and metrics["top1"] > self.best:
             self.best = metrics["top1"]
             _save_weights(net.state_dict(), Path(self.cfg.output_dir) / "best.safetensors")
-            self.best_path.write_text(json.dumps({"epoch": epoch, **metrics}) + "\n")
+            write_atomic(self.best_path, json.dumps({"epoch": epoch, **metrics}) + "\n")
         self.results = dict(metrics, best_top1=self.best)
         return metrics
 
@@ -127,9 +128,8 @@ class FinetuneTask(ClassificationTask):
 
 
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-    tmp.replace(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(path, lambda p: save_file(tensors, str(p)))
 
 
 def train_transform(cfg: FinetuneConfig, img_size: int) -> Any:

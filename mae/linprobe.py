@@ -20,10 +20,11 @@ from .data.features import FeatureLoader
 from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, probe_transform
 from .downstream import DownstreamConfig, setup
-from .engine import FitResult, Trainer, base_lr, effective_batch
-from .guards import NonFiniteLoss
 from .collectives import gather_all
+from .engine import FitResult, Trainer, base_lr, effective_batch
 from .evaluation import ClassificationTask, extract_features, knn_classify, topk_correct
+from .files import write_atomic
+from .guards import NonFiniteLoss
 from .metrics import MetricsLogger
 from .optim import lr_at
 
@@ -111,7 +112,8 @@ class ProbeTask(ClassificationTask):
 
     def finish(self, model: nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         head = {k.removeprefix("head."): v for k, v in state_dict.items() if not k.startswith("encoder.")}
-        save_file({k: v.contiguous().cpu() for k, v in head.items()}, str(output_dir / "head.safetensors"))
+        tensors = {k: v.contiguous().cpu() for k, v in head.items()}
+        write_atomic(output_dir / "head.safetensors", lambda p: save_file(tensors, str(p)))
         self.write_results(output_dir)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .files import write_atomic
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -99,9 +99,7 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 pass  # a line cut by the kill
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, **values: Any) -> None:
         if not self.enabled:

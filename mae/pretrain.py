@@ -15,6 +15,7 @@ from .data.pipeline import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform, to_model_input
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
+from .files import write_atomic
 from .models.mae_vit import PRESETS, MaskedAutoencoderViT, encoder_only, model_config
 from .models.masking import check_sampling, mask_noise
 from .optim import adamw, param_groups
@@ -63,11 +64,7 @@ def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict
     meta = {"timm_name": c.timm_model, "timm_kwargs": json.dumps(c.timm_kwargs()), "format": "pt"}
     sd = model.encoder_state_dict() if state_dict is None else encoder_only(state_dict)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 class PretrainTask(Task):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.transforms import denormalize
+from .files import write_atomic
 from .models.mae_vit import MaskedAutoencoderViT
 
 
@@ -99,13 +100,9 @@ def _with_labels(image: Image.Image, labels: list[str], tile_width: int) -> Imag
 
 
 def _save_png(image: Image.Image, path: str | Path) -> Path:
-    """Written to a ``.tmp`` name and renamed: a reader never sees half a picture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", optimize=True)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda p: image.save(p, format="PNG", optimize=True))
 
 
 # ------------------------------------------------------- the ViT paper's Figure 7 pictures

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    "without image files, the first of --data")
     p.add_argument("--only", nargs="+", choices=ANALYSES, metavar="ANALYSIS",
                    help=f"only these: {', '.join(ANALYSES)} (default: all that fit the model)")
+    p.add_argument("--describe", metavar="TEXT", help="what analysis.json and the titles call the source "
+                   "(default: its kind and the last name of its path, never the whole path)")
     p.add_argument("--maps", type=int, default=8, help="images shown in maps and reconstructions (default %(default)s)")
     add_reconstruction_options(p, default_ratios=[0.5, 0.75, 0.9], default_samplings=list(MASK_SAMPLINGS))
     return p
@@ -40,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
-    from mae.analysis import NEEDS_IMAGES, AnalysisError, analyze, choose_analyses, check_masks
+    from mae.analysis import NEEDS_IMAGES, AnalysisError, analyze, check_masks, choose_analyses, portable_description
     from mae.sources import SourceError, load_source, read_images, shard_images
 
     try:
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{PROG}: {note}", file=sys.stderr)
             else:
                 images = shard_images(args.data, size, args.images)
+        described = args.describe or portable_description(source.description, args.source, args.weights)
         numbers = analyze(source, images, args.out, analyses, maps=args.maps, mask_ratios=tuple(args.mask_ratio),
-                          mask_samplings=tuple(args.mask_sampling), seed=args.seed)  # fmt: skip
+                          mask_samplings=tuple(args.mask_sampling), seed=args.seed, description=described)  # fmt: skip
     except (SourceError, AnalysisError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

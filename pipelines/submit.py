@@ -87,6 +87,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mae.files import write_atomic
 from pipelines.launch import EXIT_STOPPED
 from pipelines.stages import STAGES
 
@@ -264,7 +265,7 @@ def submit(job: Job, script: str) -> str:
     while path.exists():
         n += 1
         path = folder / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}.sbatch"
-    path.write_text(script)
+    write_atomic(path, script)  # Slurm reads it again when it requeues the job
     proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SubmitError(f"sbatch rejected {path} (exit {proc.returncode}):\n{proc.stderr.strip()}")

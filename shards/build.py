@@ -26,9 +26,9 @@ from PIL import Image
 
 from mae.data.decode import IMAGE_EXTENSIONS, UndecodableImage, decode_rgb
 from mae.data.shard_index import ShardEntry, ShardIndex, write_index
+from mae.files import TMP_SUFFIX, AtomicFile, write_atomic
 
 SHARD_DIGITS = 6
-TMP_SUFFIX = ".tmp"
 BLOCK = tarfile.BLOCKSIZE  # 512
 TAR_END = 2 * BLOCK  # end-of-archive marker: two zero blocks
 RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to whole 10 KiB records
@@ -148,16 +148,13 @@ class _ShardWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._tar: tarfile.TarFile | None = None
+        self._shard: AtomicFile | None = None
         self._samples = 0
         self._bytes = 0
 
     @property
     def _final(self) -> Path:
         return self.out / shard_name(self.prefix, len(self.entries))
-
-    @property
-    def _tmp(self) -> Path:
-        return self._final.with_name(self._final.name + TMP_SUFFIX)
 
     def add(self, key: str, members: list[tuple[str, bytes]], position: int = 0) -> None:
         """Add a sample; ``position`` is its image's place in the build order."""
@@ -168,7 +165,8 @@ class _ShardWriter:
             self._next = position
             self.close_shard()
         if self._tar is None:
-            self._file = open(self._tmp, "wb")
+            self._shard = AtomicFile(self._final)
+            self._file = open(self._shard.tmp, "wb")
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         for ext, data in members:
             self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
@@ -182,12 +180,9 @@ class _ShardWriter:
         if self._tar is None or self._file is None:
             return
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())  # the data must be on disk before the name says "complete"
         self._file.close()
-        os.replace(self._tmp, self._final)
-        self.entries.append(ShardEntry(self._final.name, self._samples))
-        self._tar = self._file = None
+        self.entries.append(ShardEntry(self._shard.commit().name, self._samples))
+        self._tar = self._file = self._shard = None
         self._samples = self._bytes = 0
         if self.on_close is not None:
             self.on_close(self._next)
@@ -196,8 +191,8 @@ class _ShardWriter:
         """Drop the shard in progress after an error, keeping the completed ones."""
         if self._file is not None:
             self._file.close()
-            self._tmp.unlink(missing_ok=True)
-        self._tar = self._file = None
+            self._shard.discard()
+        self._tar = self._file = self._shard = None
 
 
 def _prepare_out(out: Path, prefix: str) -> None:
@@ -364,9 +359,7 @@ def build_shards(
         progress = {"settings": settings, "next": next_position, "shards": [asdict(e) for e in writer.entries],
                     "skipped": [[p, s] for p, s in skipped if p < next_position],
                     "taken": sorted(done.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}  # fmt: skip
-        tmp = journal.with_name(journal.name + TMP_SUFFIX)
-        tmp.write_text(json.dumps(progress) + "\n")
-        tmp.replace(journal)
+        write_atomic(journal, json.dumps(progress) + "\n")
 
     entries = [ShardEntry(e["name"], e["samples"]) for e in state["shards"]]
     writer = _ShardWriter(out, prefix, samples_per_shard, bytes_per_shard, entries, save_progress)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-CIFAR10_TEST = Path("/work/shared/datasets/cifar10/test.tar.gz")
+from benchmarks.datasets import dataset
+
+CIFAR10_TEST = dataset("cifar10/test.tar.gz")  # None unless $MAE_DATASETS holds it
 SHIPPED_SAMPLE = Path(__file__).resolve().parents[1] / "shards" / "cifar10"
 PER_CLASS = 6
 
@@ -45,7 +47,7 @@ def _jpegs_from_shards(folder: Path, per_class: int) -> dict[str, list[bytes]]:
 @pytest.fixture(scope="session")
 def real_jpegs() -> dict[str, list[bytes]]:
     """Real CIFAR-10 test JPEGs, ``PER_CLASS`` per class, keyed by class name."""
-    if CIFAR10_TEST.exists():
+    if CIFAR10_TEST is not None:
         with tarfile.open(CIFAR10_TEST, "r:gz") as tar:
             return _jpegs_from_tar(tar, PER_CLASS)
     return _jpegs_from_shards(SHIPPED_SAMPLE, PER_CLASS)

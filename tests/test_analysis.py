@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from mae.analysis import (
     attention_probabilities, filter_components, mean_distance, mixing_weights, patch_distances,
-    position_similarity, prefix_share,
+    portable_description, position_similarity, prefix_share,
 )  # fmt: skip
+from mae.models import create_model
 from mae.models.mae_vit import Attention, PatchMlp, encoder_only
 from pipelines import analyze as analyze_cli
 from pipelines import reconstruct as reconstruct_cli
@@ -117,6 +118,14 @@ def test_principal_components_of_a_rank_one_filter_bank():
     assert comps.shape == (5, 3, 4, 4) and torch.allclose(comps.flatten(1).norm(dim=1), torch.ones(5, dtype=torch.float64))
 
 
+def test_recorded_description_keeps_only_the_last_name_of_each_given_path():
+    described = portable_description("timm model vit_tiny_patch16_224 with weights /home/me/runs/pt/encoder.safetensors",
+                                     "vit_tiny_patch16_224", "/home/me/runs/pt/encoder.safetensors")  # fmt: skip
+    assert described == "timm model vit_tiny_patch16_224 with weights encoder.safetensors"
+    run_given = portable_description("pretraining run /home/me/runs/pt (ckpt-00000008)", "/home/me/runs/pt/", None)
+    assert run_given == "pretraining run pt (ckpt-00000008)"
+
+
 # -- a tiny real run, in every accepted format
 
 
@@ -174,8 +183,27 @@ def check_encoder_numbers(numbers: dict, depth: int = 2) -> None:
     assert len(numbers["patch_embedding_explained_variance"]) == 28
 
 
+def test_untrained_model_in_the_released_format_runs_both_tools(tmp_path, images, capsys):
+    """The tools without a training run (the fast tier): a released-format file with its decoder
+    gives every picture and a reconstruction, and analysis.json names the file, not its folder."""
+    torch.manual_seed(0)
+    released = tmp_path / "released.pth"
+    torch.save({"model": create_model("mae_vit_tiny_patch4_32", depth=2).state_dict()}, released)
+    numbers = analyze(tmp_path, str(released), *map(str, images))
+    check_encoder_numbers(numbers)
+    assert set(numbers["files"]) == ATTENTION_FILES | {"reconstructions.png"}
+    assert "released.pth" in numbers["source"] and str(tmp_path) not in numbers["source"]
+    out = tmp_path / "rec.png"
+    code = reconstruct_cli.main([str(released), str(images[0]), "--mask-ratio", "0.75", "--out", str(out),
+                                 "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size[0] > 3 * 96
+
+
+@pytest.mark.slow
 def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"))
+    assert numbers["source"].startswith("pretraining run pt (ckpt-") and str(tiny_run) not in numbers["source"]
     assert set(numbers["files"]) == ATTENTION_FILES | {"reconstructions.png"}
     check_encoder_numbers(numbers)
     # every sampling at every default ratio it can give (grid keeps one patch per 2 x 2 cell: 75% only)
@@ -187,6 +215,7 @@ def test_pretraining_run_gives_every_picture(tiny_run, tmp_path):
     assert torch.allclose(sim[2, 5].flatten(), position_similarity(table)[2 * 8 + 5], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_other_source_format(tiny_run, tmp_path, images):
     pt = tiny_run / "pt"
     checkpoint = sorted((pt / "checkpoints").iterdir())[-1]
@@ -209,6 +238,7 @@ def test_every_other_source_format(tiny_run, tmp_path, images):
         assert set(numbers["files"]) == expected, kind
 
 
+@pytest.mark.slow
 def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, images):
     numbers = analyze(tmp_path, str(tiny_run / "pt-ff"), "--mask-ratio", "0.5", "0.75")
     assert set(numbers["files"]) == FEEDFORWARD_FILES and numbers["mixer"] == "feedforward"
@@ -222,12 +252,14 @@ def test_feedforward_run_gives_mixing_in_place_of_attention(tiny_run, tmp_path, 
     assert set(numbers["files"]) == FEEDFORWARD_FILES - {"reconstructions.png"}
 
 
+@pytest.mark.slow
 def test_encoder_only_analyses_need_no_images(tiny_run, tmp_path):
     numbers = analyze(tmp_path, str(tiny_run / "pt"), "--only", "position", "filters", "--data", "no/such/shards")
     assert set(numbers["files"]) == {"position_similarity.png", "patch_embedding_components.png"}
     assert numbers["images"] == 0
 
 
+@pytest.mark.slow
 def test_reconstruct_writes_one_picture_of_every_ratio(tiny_run, tmp_path, images, capsys):
     out = tmp_path / "rec.png"
     code = reconstruct_cli.main([str(tiny_run / "pt"), *map(str, images), "--mask-ratio", "0.5", "0.9",
@@ -272,6 +304,7 @@ def not_weights(tmp_path_factory) -> Path:
          "--mask-ratio 1.5: a mask ratio is the fraction hidden, in [0, 1)"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_input_gets_one_line(tiny_run, images, not_weights, tmp_path, module, args, message):
     fill = dict(pt=tiny_run / "pt", img=images[0], tmp=tmp_path, bad=not_weights)
     proc = run(module, *(a.format(**fill) for a in args))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from mae.config import ConfigError, load_config, parse_overrides
 from mae.pretrain import PretrainConfig
+from pipelines.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +30,35 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.weight_decay == PretrainConfig().weight_decay  # untouched default
 
 
-def test_every_shipped_recipe_loads():
-    for path in sorted((ROOT / "pipelines" / "configs").glob("mae_*.yaml")):
-        cfg = load_config(PretrainConfig, path)
-        assert cfg.model in path.read_text()
+RECIPES = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
+RECIPE_STAGE = {"mae": "pretrain", "linprobe": "linprobe", "finetune": "finetune"}  # file name prefix -> stage
+
+
+def flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_states_only_what_differs_from_the_defaults(path):
+    """A recipe is a diff over its stage's defaults (as dinov2's are): a key that restates a
+    default hides what the recipe really changes."""
+    stage = RECIPE_STAGE.get(path.name.split("_")[0])
+    assert stage is not None, f"{path.name}: name it <{'|'.join(RECIPE_STAGE)}>_..., the stage it configures"
+    config_cls = STAGES[stage].config_class()
+    loaded = flat(dataclasses.asdict(load_config(config_cls, path)))
+    defaults = flat(dataclasses.asdict(config_cls()))
+    restated = [key for key in flat(yaml.safe_load(path.read_text())) if loaded[key] == defaults.get(key, object())]
+    assert not restated, f"{path.name} restates defaults of {config_cls.__name__}: {restated}"
+
+
+def test_the_imagenet_pretraining_recipes_differ_only_in_the_model_and_its_folder():
+    base, large = (yaml.safe_load((ROOT / "pipelines" / "configs" / f"mae_vit_{s}_in1k.yaml").read_text())
+                   for s in ("base", "large"))  # fmt: skip
+    differ = {key for key in base.keys() | large.keys() if base.get(key) != large.get(key)}
+    assert differ == {"model", "output_dir"}  # the paper trains B and L with one recipe
 
 
 @pytest.mark.parametrize(
@@ -72,6 +101,21 @@ def test_override_values_are_read_as_yaml():
         "a": 1, "b": 0.5, "c": True, "d": None, "e": {"f": "x"}, "g": ""}  # fmt: skip
 
 
+@pytest.mark.parametrize("name", [name for name, stage in STAGES.items() if stage.training])
+def test_each_training_entry_point_names_a_bad_key_before_any_work_and_lists_its_keys(name, tmp_path, capsys):
+    """In this process (the fast tier); the tests below run the stage as its own process."""
+    entry = importlib.import_module(STAGES[name].module)
+    out = tmp_path / "run"
+    assert entry.main([f"output_dir={out}", "blrr=1"]) == 2
+    assert "'blrr'" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(["--help"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(key in listed for key in ("output_dir", "data.train", "resume", "mixed_precision"))
+
+
+@pytest.mark.slow
 def test_cli_rejects_bad_key_before_any_work(tmp_path):
     """The stage exits 2 naming the key, and writes no run folder."""
     out = tmp_path / "run"
@@ -82,6 +126,7 @@ def test_cli_rejects_bad_key_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_help_lists_keys():
     proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -90,6 +135,7 @@ def test_cli_help_lists_keys():
         assert key in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_missing_shards_are_named(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", f"output_dir={out}",

@@ -95,6 +95,7 @@ def test_224_encoder_fine_tunes_at_higher_resolution(encoder_224, img_size, grid
     assert vit.blocks[0].attn.qkv.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_224_encoder_fine_tunes_at_the_cifar_resolution(encoder_224, tmp_path):
     """At 32 px with 4-pixel patches: filters resampled, the 14x14 table resized to 8x8; the stage runs."""
     path, _ = encoder_224
@@ -215,6 +216,7 @@ def test_finetune_from_scratch_with_a_hybrid_timm_model(tmp_path):
     assert [m for m in read_metrics(out) if "loss" in m]
 
 
+@pytest.mark.slow
 def test_stage_without_pretrained_weights_says_so(tmp_path):
     proc = stage("linprobe", tmp_path / "lp", f"pretrained={tmp_path}/missing", check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr

@@ -193,6 +193,7 @@ def run_sbatch(*argv: str) -> subprocess.CompletedProcess:
 # -- on the test cluster
 
 
+@pytest.mark.slow
 def test_the_script_is_one_sbatch_accepts(slurm, capsys, tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(dry_run(capsys, "pretrain", *CPU_JOB, "--partition", PARTITION, "--cpus-per-task", "1",
@@ -202,6 +203,7 @@ def test_the_script_is_one_sbatch_accepts(slurm, capsys, tmp_path):
     assert "to start at" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sbatch_failing_shows_its_error(slurm, capsys, tmp_path):
     code, out, err = run_main(capsys, "pretrain", *CPU_JOB, "--partition", "nosuch", "--output-dir", str(tmp_path))
     assert code == 2 and out == ""

@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import write_atomic
+
 INDEX_SUFFIX = "-index.json"
 FORMAT = "mae-shards/1"
 
@@ -45,14 +47,10 @@ def index_path(folder: str | os.PathLike, prefix: str) -> Path:
 
 
 def write_index(folder: str | os.PathLike, index: ShardIndex) -> Path:
-    """Write atomically: a reader never sees a half-written index."""
     path = index_path(folder, index.prefix)
     payload = asdict(index)
     payload["total"] = index.total
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_index(path: str | os.PathLike) -> ShardIndex:

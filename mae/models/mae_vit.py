@@ -20,7 +20,7 @@ block ``blocks[i]`` (a ``FeedForwardBlock``):
   units, row i of ``fc2.weight`` how the hidden units feed token i; the token-to-token map
   of a block is their composition through the GELU.
 
-MAE pretraining of the feed-forward encoder (design (b) of SEEDS.md): the encoder runs on
+MAE pretraining of the feed-forward encoder (design (b) in docs/PAPERS.md): the encoder runs on
 the class token and the visible patches only, and each patch MLP uses the rows and
 columns of its weights at those tokens' positions (``PatchMlp.forward`` with
 ``token_ids``). Why this and not the others:
