@@ -425,7 +425,9 @@ GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)  # one step of uint8, in normalised uni
 def test_uint8_batches_normalised_on_the_device_equal_the_float_path(real_jpegs) -> None:
     """For the same torch seed, pretrain and eval transforms + ``to_model_input`` give the
     values of torchvision's PIL + ToTensor + Normalize path: the same crops and flips, and
-    pixels within one grey level (torch's uint8 bicubic against PIL's), nearly all equal."""
+    pixels within one grey level (torch's uint8 bicubic against PIL's, each rounding on its
+    own), nearly all equal; a rare pixel two levels apart (2 of 184,320 in the shipped sample's
+    eval crops)."""
     jpegs = [data for name in sorted(real_jpegs) for data in real_jpegs[name]]
     pairs = (
         (pretrain_transform(32), torchvision_pretrain(32)),
@@ -433,7 +435,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_path(real_jpegs)
                                         T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])),  # fmt: skip
     )
     for ours, theirs in pairs:
-        equal = total = 0
+        equal = total = apart = 0
         for k, data in enumerate(jpegs):
             torch.manual_seed(k)
             pixels, mode = ours(data)
@@ -443,9 +445,10 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_path(real_jpegs)
             got = to_model_input(pixels.unsqueeze(0), "cpu")[0]
             assert got.dtype == torch.float32 and got.shape == expected.shape
             diff = (got - expected).abs()
-            assert diff.max() <= GREY_LEVEL + 1e-5, k
+            assert diff.max() <= 2 * GREY_LEVEL + 1e-5, k
             equal, total = equal + int((diff < 1e-6).sum()), total + diff.numel()
-        assert equal / total > 0.99
+            apart += int((diff > GREY_LEVEL + 1e-5).sum())
+        assert equal / total > 0.99 and apart / total < 1e-4
     # the conversion itself is exactly ToTensor + Normalize
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     reference = torch.stack([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(p.float().div(255)) for p in pixels])
