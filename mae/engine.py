@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError
-from .data.pipeline import DataConfig, DataError
+from .data.loader import DataConfig
+from .data.plan import Position
+from .data.shards import DataError
 from .data.transforms import to_model_input
 from .metrics import MetricsLogger
 from .optim import lr_at, scaled_lr
@@ -91,7 +93,9 @@ class RunConfig:
 class Loader(Protocol):
     """What the loop reads batches from (``ShardLoader``, or cached features)."""
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+    def set_epoch(self, epoch: int, position: Position | None = None) -> None: ...
+
+    def data_counts(self) -> dict[str, dict[str, int]]: ...
 
     def batches_per_epoch(self, epoch: int) -> int: ...
 
@@ -352,7 +356,8 @@ class Trainer:
         planned total came first; None: it did not) and the last metrics line."""
         cfg, acc, accum = self.cfg, self.acc, self.cfg.accum_iter
         self.model.train()
-        self.loader.set_epoch(epoch, skip_batches=skip_steps * accum)  # resumed: those are not decoded again
+        position = Position(self.world, cfg.batch_size, cfg.data.num_workers, skip_steps * accum) if skip_steps else None
+        self.loader.set_epoch(epoch, position)  # resumed: those are not decoded again
         # An epoch cut short mid-accumulation must not leak gradients or shift the boundaries.
         self.optimizer.zero_grad(set_to_none=True)
         acc.step = 0
@@ -363,9 +368,8 @@ class Trainer:
         bar = tqdm(total=budget, initial=skip, desc=f"epoch {epoch}", disable=not (acc.is_main_process and cfg.progress),
                    mininterval=1.0, dynamic_ncols=True)  # fmt: skip
         window = LogWindow(acc.device)
-        counts_by_worker: dict[int, dict[str, dict[str, int]]] = {}
         last: dict[str, Any] = {}
-        for micro, batch in self._micro_batches(epoch, budget, skip, counts_by_worker):
+        for micro, batch in self._micro_batches(epoch, budget, skip):
             with acc.accumulate(self.model):
                 loss = self._forward(batch, window)
                 if acc.sync_gradients:  # before backward: under DeepSpeed it takes the optimiser step
@@ -384,7 +388,7 @@ class Trainer:
             logged = step % cfg.log_every == 0 or micro + 1 == budget or planned_end
             if logged:  # the only host reads of the loop: the loss window and the guard
                 self.guard.check(epoch, step)
-                last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
+                last = self._log(metrics, step, epoch, lr, window)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             # ranks agree on a stop at log steps; alone, every step is free to look
             if (logged or self.world == 1) and self._any(stop.received is not None):
@@ -392,7 +396,7 @@ class Trainer:
                 return step, "signal", last
             if self.clock.seconds is not None and (logged or self.world == 1) and self._any(self.clock.spent()):
                 if not logged:
-                    last = self._log(metrics, step, epoch, lr, window, counts_by_worker)
+                    last = self._log(metrics, step, epoch, lr, window)
                 bar.close()
                 return step, "time", last
             if planned_end:  # the same step on every rank
@@ -439,8 +443,7 @@ class Trainer:
 
     # -- per micro-batch
 
-    def _micro_batches(self, epoch: int, budget: int, skip: int,
-                       counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> Iterator[tuple[int, dict[str, Any]]]:  # fmt: skip
+    def _micro_batches(self, epoch: int, budget: int, skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """Micro-batches ``skip`` to ``budget`` of the epoch, on the device. The loader gives every
         rank the planned number (``ShardLoader`` refills what corrupt samples took), so ranks
         never ask each other whether someone ran out."""
@@ -450,7 +453,6 @@ class Trainer:
             if batch is None:
                 raise DataError(f"epoch {epoch}: the loader ended after {micro} of the {budget} batches it planned; "
                                 "ranks would fall out of step")  # fmt: skip
-            counts_by_worker[batch["worker"]] = {"skipped": batch["skipped"], "converted": batch["converted"]}
             yield micro, self._to_device(batch)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -484,10 +486,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.task.after_step(self.model, step + 1)
 
-    def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: "LogWindow",
-             counts_by_worker: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:  # fmt: skip
+    def _log(self, metrics: MetricsLogger, step: int, epoch: int, lr: float, window: "LogWindow") -> dict[str, Any]:
         totals: dict[str, dict[str, int]] = {"skipped": {}, "converted": {}}
-        for counts in self._gather(counts_by_worker):
+        for counts in self._gather(self.loader.data_counts()):
             for kind, by_key in counts.items():
                 for key, n in by_key.items():
                     totals[kind][key] = totals[kind].get(key, 0) + n
@@ -511,13 +512,13 @@ class Trainer:
         window.reset()
         return record
 
-    def _gather(self, by_worker: dict[int, dict[str, dict[str, int]]]) -> list[dict[str, dict[str, int]]]:
-        """Every rank's per-worker counts (reasons differ across ranks, so objects, not tensors)."""
+    def _gather(self, counts: dict[str, dict[str, int]]) -> list[dict[str, dict[str, int]]]:
+        """Every rank's data counts (reasons differ across ranks, so objects, not tensors)."""
         if self.world == 1:
-            return list(by_worker.values())
+            return [counts]
         from accelerate.utils import gather_object
 
-        return [counts for rank_counts in gather_object([list(by_worker.values())]) for counts in rank_counts]
+        return gather_object([counts])
 
     def _save(self, step: int, epoch: int, step_in_epoch: int) -> None:
         self.guard.check(epoch, step)  # never save weights that a cancelled step stands behind

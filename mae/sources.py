@@ -24,7 +24,8 @@ from torchvision import transforms as T
 from .checkpoint import find_latest, load_weights
 from .config import ConfigError, config_from_mapping
 from .data.decode import UndecodableImage, decode_rgb
-from .data.pipeline import DataError, ShardLoader
+from .data.loader import ShardLoader
+from .data.shards import DataError
 from .data.transforms import eval_transform, to_model_input
 from .encoder import ENCODER_FILE, encoder_metadata
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
