@@ -647,3 +647,33 @@ def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches
     for k in range(1, len(reference)):
         resumed.set_epoch(1, Position(1, 4, num_workers, k))
         assert [b["label"].tolist() for b in resumed] == [b["label"].tolist() for b in reference[k:]], f"skip {k}"
+
+
+@pytest.mark.parametrize(("before", "after"), [((2, 2, 4), (1, 2, 8)), ((1, 2, 8), (2, 1, 4))], ids=["2to1", "1to2"])
+def test_resume_on_another_world_reads_none_of_the_samples_the_stopped_run_took(id_shards, before, after) -> None:
+    """Real tars and loader workers: a run of ``before`` (processes, workers, batch) stops 4
+    batches into the epoch; resumed as ``after`` (the same effective batch), its ranks read
+    the epoch's remaining batches, none of the samples taken, none twice."""
+    folder, all_ids = id_shards
+    (old_world, old_workers, old_batch), (new_world, new_workers, new_batch) = before, after
+    taken: list[int] = []
+    for rank in range(old_world):
+        loader = id_loader(folder, batch_size=old_batch, num_workers=old_workers, rank=rank, world_size=old_world,
+                           fill_to_plan=True)  # fmt: skip
+        loader.set_epoch(2)
+        batches = iter(loader)
+        taken += [label for _ in range(4) for label in next(batches)["label"].tolist()]
+        del batches
+    position = Position(old_world, old_batch, old_workers, 4)
+    read: list[int] = []
+    for rank in range(new_world):
+        loader = id_loader(folder, batch_size=new_batch, num_workers=new_workers, rank=rank, world_size=new_world,
+                           fill_to_plan=True)  # fmt: skip
+        loader.set_epoch(2, position)
+        batches = only_images_and_labels(list(loader))
+        assert len(batches) == loader.batches_per_epoch(2) - 4 * old_world * old_batch // (new_world * new_batch)
+        read += [label for b in batches for label in b["label"].tolist()]
+    assert len(taken) == len(set(taken)) == 4 * old_world * old_batch
+    assert len(read) == len(set(read)), "a sample read twice after the resume"
+    assert not set(read) & set(taken), "a sample the stopped run took was read again"
+    assert set(read) | set(taken) == set(all_ids)  # these shards divide: nothing is left unread
