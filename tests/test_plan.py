@@ -123,3 +123,12 @@ def test_resampled_resume_on_another_world_yields_the_remaining_budget() -> None
     p = planner(world=1, workers=2, batch_size=8, resampled=True, samples_per_epoch=160, fill=False)
     plan = p.plan(0, 0, Position(2, 4, 2, 6))  # 6 x 2 x 4 = 48 samples taken: 6 batches of 8
     assert plan.batches() == p.batches_per_epoch(0) - 6 == 14
+
+
+def test_a_position_with_the_configured_workers_resumes_exactly_where_the_loader_lowered_them() -> None:
+    """The loop records ``data.num_workers``; with fewer shards than readers the loader used
+    fewer workers, and a resume on the same settings is still the same shape (exact order)."""
+    urls = tuple(f"s{n}.tar" for n in range(4))
+    p = EpochPlanner(urls, dict.fromkeys(urls, 10), world=2, workers=2, batch_size=4, fill=True)
+    assert p.readers(2, 4) == 2 and p.same_shape(Position(2, 4, 4, 3))
+    assert p.plan(0, 0, Position(2, 4, 4, 3)).workers[0].keep is None

@@ -19,7 +19,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from .batch_slots import BatchSlots, SlotRef
-from .plan import EpochPlanner, Position
+from .plan import EpochPlanner, Position, reading_workers
 from .shards import DataError, expand_shards, shard_sizes
 from .steps import (
     Collate,
@@ -106,8 +106,7 @@ class ShardLoader:
                         "--samples-per-shard N, N at most samples / processes), run fewer processes, "
                         "or set data.resampled=true."
                     )
-                # Each loader worker reads whole shards: more workers than shards would idle.
-                self.num_workers = len(urls) // world_size
+                self.num_workers = reading_workers(len(urls), world_size, num_workers, resampled)
                 if rank == 0:
                     print(f"warning: {len(urls)} shard(s) feed {world_size} process(es) x {self.num_workers} "
                           f"loader worker(s), not the {num_workers} of data.num_workers; more shards would read "

@@ -77,6 +77,14 @@ def round_robin(batches: list[float], taken: int) -> tuple[list[int], int]:
     return per_worker, following
 
 
+def reading_workers(shards: int, world: int, num_workers: int, resampled: bool) -> int:
+    """Loader workers per rank of a training loader: each reads whole shards, so never more
+    than the shards give each rank (0 workers: the training process reads)."""
+    if not resampled and world <= shards < world * max(1, num_workers):
+        return shards // world
+    return num_workers
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """One loader worker's epoch."""
@@ -139,6 +147,8 @@ class EpochPlanner:
 
     def fresh(self, epoch: int, rank: int) -> list[WorkerPlan]:
         key = (epoch, rank)
+        if key not in self._cache and len(self._cache) >= 2 * self.world:
+            self._cache.clear()  # the plans of this epoch and the last are the ones asked for
         if key not in self._cache:
             self._cache[key] = self._fresh(epoch, rank)
         return self._cache[key]
@@ -188,12 +198,7 @@ class EpochPlanner:
         return self._plan_rest(epoch, rank, position)
 
     def readers(self, world: int, num_workers: int) -> int:
-        """Workers per rank that read: never more than the shards give each (``ShardLoader``
-        lowers ``data.num_workers`` so), at least one (0 workers read in the training process)."""
-        workers = max(1, num_workers)
-        if not self.resampled and world <= len(self.urls) < world * workers:
-            workers = len(self.urls) // world
-        return workers
+        return max(1, reading_workers(len(self.urls), world, num_workers, self.resampled))
 
     def same_shape(self, position: Position) -> bool:
         return (position.world, position.batch_size, self.readers(position.world, position.num_workers)) == (
