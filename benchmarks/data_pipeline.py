@@ -48,7 +48,7 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mae.data.pipeline import ShardLoader  # noqa: E402
+from mae.data.loader import ShardLoader  # noqa: E402
 from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform, to_model_input  # noqa: E402
 from benchmarks.datasets import require  # noqa: E402
 from benchmarks.pretrain_step import cpu_name  # noqa: E402

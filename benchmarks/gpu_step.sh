@@ -105,7 +105,7 @@ for p, c, k, s, ips, tf, mfu, warm, mem in rows:
     print(f"| {p} | {c} | {k} | {1e3 * s:.1f} | {ips:.0f} | {tf:.0f} | {100 * mfu:.1f}% | {warm:.0f} | {mem:.1f} |")
 
 # the data path alone: decode + RandomResizedCrop + flip + normalise, batches of 128, no GPU
-from mae.data.pipeline import ShardLoader
+from mae.data.loader import ShardLoader
 from mae.data.transforms import pretrain_transform
 
 shards = os.environ.get("DATA_SHARDS", "shards/cifar10/train-{000000..000007}.tar")

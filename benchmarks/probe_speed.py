@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def features(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from mae.data.pipeline import DataConfig, make_loaders, shard_classes
+    from mae.data.loader import DataConfig, make_loaders
+    from mae.data.shards import shard_classes
     from mae.data.transforms import eval_transform
     from mae.encoder import create_vit
     from mae.linprobe import LinearProbe, LinprobeConfig, _encode

@@ -9,7 +9,7 @@ from typing import Any
 import torch.nn as nn
 
 from .config import ConfigError
-from .data.pipeline import shard_classes
+from .data.shards import shard_classes
 from .encoder import create_vit
 from .engine import RunConfig
 

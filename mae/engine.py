@@ -28,8 +28,9 @@ from tqdm import tqdm
 from .checkpoint import load_model_weights, load_plain, load_training_state, resolve_resume, save_checkpoint
 from .collectives import any_rank, gather_objects, max_ranks, sum_ranks
 from .config import ConfigError
-from .data.pipeline import DataConfig, DataError
+from .data.loader import DataConfig
 from .data.plan import Position
+from .data.shards import DataError
 from .data.transforms import to_model_input
 from .guards import NonFiniteGuard, StopSignal
 from .metrics import MetricsLogger, describe_data_counts
@@ -97,8 +98,6 @@ class RunConfig:
 
 class Loader(Protocol):
     """What the loop reads batches from (``ShardLoader``): dicts of ``image`` and ``label``."""
-
-    num_workers: int
 
     def set_epoch(self, epoch: int, position: Position | None = None) -> None: ...
 
@@ -408,7 +407,7 @@ class Trainer:
         if not state.get("step_in_epoch"):
             return None
         was = state.get("run") or {"world": self.world, "batch_size": self.cfg.batch_size,
-                                   "num_workers": self.loader.num_workers, "accum_iter": self.cfg.accum_iter}  # fmt: skip
+                                   "num_workers": self.cfg.data.num_workers, "accum_iter": self.cfg.accum_iter}  # fmt: skip
         return Position(world=was["world"], batch_size=was["batch_size"], num_workers=was["num_workers"],
                         batches=state["step_in_epoch"] * was["accum_iter"])  # fmt: skip
 
@@ -417,7 +416,7 @@ class Trainer:
         self.guard.check(epoch, self.step)  # never save weights that a cancelled step stands behind
         cfg = self.cfg
         run = {"world": self.world, "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter,
-               "num_workers": self.loader.num_workers, "effective_batch": effective_batch(cfg, self.world),
+               "num_workers": cfg.data.num_workers, "effective_batch": effective_batch(cfg, self.world),
                "images_seen": self.step * effective_batch(cfg, self.world)}  # fmt: skip
         state = {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": dataclasses.asdict(cfg),
                  "stage": getattr(cfg, "stage", None), "run": run, **self.plan.state()}  # fmt: skip

@@ -18,7 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
-from .data.pipeline import make_loaders
+from .data.loader import make_loaders
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .downstream import DownstreamConfig, setup
 from .engine import FitResult, Trainer, base_lr
@@ -145,7 +145,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> FitResult:
     classes, model, size = setup(cfg, "fine-tuning", head=True, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     rank, world = accelerator.process_index, accelerator.num_processes
     train, val = make_loaders(cfg.data, train_transform(cfg, size), eval_transform(size), batch_size=cfg.batch_size,
-                              seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
+                              seed=cfg.seed, rank=rank, world_size=world, cache_dir=cfg.output_dir)  # fmt: skip
     optimizer = adamw(optimizer_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr(cfg, world),
                       device=accelerator.device)  # fmt: skip
     model = model.to(accelerator.device)

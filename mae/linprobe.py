@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 
 from .data.features import FeatureLoader
-from .data.pipeline import ShardLoader, make_loaders
+from .data.loader import ShardLoader, make_loaders
 from .data.transforms import eval_transform, probe_transform
 from .downstream import DownstreamConfig, setup
 from .collectives import gather_all
@@ -124,7 +124,7 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
     augment = cfg.augment and not cfg.cached_features
     train_tf = probe_transform(size) if augment else eval_transform(size)
     train, val = make_loaders(cfg.data, train_tf, eval_transform(size), batch_size=cfg.batch_size, seed=cfg.seed,
-                              rank=rank, world_size=world)  # fmt: skip
+                              rank=rank, world_size=world, cache_dir=cfg.output_dir)  # fmt: skip
     extra: dict[str, float] = {}
     features = None
     if cfg.cached_features or cfg.knn:
@@ -217,7 +217,7 @@ def _encode(probe: LinearProbe, cfg: LinprobeConfig, accelerator: Any, train: Sh
     if train is None:  # the training loader augments: encode with a plain one
         train, _ = make_loaders(cfg.data, eval_transform(size), eval_transform(size), batch_size=cfg.batch_size,
                                 seed=cfg.seed, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes)  # fmt: skip
+                                world_size=accelerator.num_processes, cache_dir=cfg.output_dir)  # fmt: skip
     train.set_epoch(0)
     pad = (3, size, size)
     out: dict[str, Any] = {"train": extract_features(probe.features, train, accelerator, pad), "val": None}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from .collectives import sum_ranks
-from .data.pipeline import ShardLoader, make_loaders
+from .data.loader import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform, to_model_input
 from .evaluation import lockstep
 from .engine import FitResult, RunConfig, Task, Trainer
@@ -136,7 +136,7 @@ def build_trainer(cfg: PretrainConfig, accelerator: Any) -> Trainer:
     size = model.cfg.img_size
     rank, world = accelerator.process_index, accelerator.num_processes
     train, val = make_loaders(cfg.data, pretrain_transform(size), eval_transform(size), batch_size=cfg.batch_size,
-                              seed=cfg.seed, rank=rank, world_size=world)  # fmt: skip
+                              seed=cfg.seed, rank=rank, world_size=world, cache_dir=cfg.output_dir)  # fmt: skip
     optimizer = adamw(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=0.0,
                       device=accelerator.device, betas=(0.9, 0.95))  # fmt: skip
     set_seed(cfg.seed + rank)  # masks differ across ranks, as their images do

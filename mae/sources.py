@@ -27,7 +27,8 @@ from torchvision import transforms as T
 
 from .checkpoint import CheckpointError, find_latest, load_plain, load_weights
 from .data.decode import UndecodableImage, decode_rgb
-from .data.pipeline import DataError, ShardLoader
+from .data.loader import ShardLoader
+from .data.shards import DataError
 from .data.transforms import eval_transform, to_model_input
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, model_config
 

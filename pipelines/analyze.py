@@ -23,7 +23,7 @@ PROG = STAGES["analyze"].module
 
 def parser() -> argparse.ArgumentParser:
     from mae.analysis import ANALYSES, MASK_SAMPLINGS
-    from mae.data.pipeline import DataConfig
+    from mae.data.loader import DataConfig
 
     p = tool_parser(PROG, __doc__, "run folder, checkpoint, encoder file, released .pth, or timm name (with --weights)",
                     images="*", out="output folder")  # fmt: skip

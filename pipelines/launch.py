@@ -12,7 +12,7 @@ from typing import Any
 
 from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, describe, load_config, save_config
-from mae.data.pipeline import DataError
+from mae.data.shards import DataError
 from mae.guards import NonFiniteLoss
 from mae.metrics import tracker_names
 from mae.precision import Precision, resolve_precision

@@ -220,7 +220,7 @@ def _select(images: list[SourceImage], shuffle: bool, seed: int) -> list[SourceI
 def default_samples_per_shard(samples: int) -> int:
     """``SAMPLES_PER_SHARD``, or fewer for a small folder, so that each loader worker of the
     default pretraining (one process, ``data.num_workers`` workers) gets a shard of its own."""
-    from mae.data.pipeline import DataConfig  # imported here: torch is slow to load for --help
+    from mae.data.loader import DataConfig  # imported here: torch is slow to load for --help
 
     readers = max(1, DataConfig().num_workers)
     return max(1, min(SAMPLES_PER_SHARD, -(-samples // readers)))

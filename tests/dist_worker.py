@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import save_file
 
 from mae.config import load_config
-from mae.data.pipeline import ShardLoader
+from mae.data.loader import ShardLoader
 from mae.data.transforms import eval_transform
 from mae.models import MAEConfig, MaskedAutoencoderViT
 from mae.pretrain import PretrainConfig, build_trainer

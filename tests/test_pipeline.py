@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mae.data.pipeline import DataError, ShardLoader, expand_shards, shard_sizes
+from mae.data.loader import ShardLoader
 from mae.data.plan import Position
+from mae.data.shards import DataError, expand_shards, shard_sizes
 from mae.data.shard_index import ShardEntry, ShardIndex, write_index
 from mae.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_transform,
                                   pretrain_transform, to_model_input)  # fmt: skip
@@ -81,6 +82,12 @@ def read_ids(loader: ShardLoader, epoch: int = 0) -> tuple[list[int], int]:
         ids += labels
         batches += 1
     return ids, batches
+
+
+def only_images_and_labels(batches: list[dict]) -> list[dict]:
+    """What the loop gets: images and labels, the data counts asked of the loader."""
+    assert all(b.keys() == {"image", "label"} for b in batches)
+    return batches
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +262,12 @@ def test_corrupt_members_and_truncated_tar_are_skipped_counted_and_converted(cor
     folder, good, expected = corrupt_shards
     transform = T.Compose([T.Resize((8, 8)), T.ToTensor()])
     loader = ShardLoader(str(folder), transform, batch_size=4, num_workers=2, shuffle=shuffle, samples_per_epoch=99)
-    batches = list(loader)
+    batches = only_images_and_labels(list(loader))
     labels = [label for b in batches for label in b["label"].tolist()]
     assert sorted(labels) == sorted(good)
     assert all(b["image"].shape[1:] == (3, 8, 8) for b in batches)
-    assert set(batches[0]) == {"image", "label"}  # the counts are the loader's to report, per epoch
-    assert loader.data_counts() == {"skipped": expected["skipped"], "converted": expected["converted"]}
+    assert loader.data_counts()["skipped"] == expected["skipped"]
+    assert loader.data_counts()["converted"] == expected["converted"]
 
 
 def test_greyscale_png_comes_out_as_three_equal_channels(corrupt_shards) -> None:
@@ -272,7 +279,7 @@ def test_greyscale_png_comes_out_as_three_equal_channels(corrupt_shards) -> None
     grey = batch["image"][4]  # the fifth sample of shard 1
     assert grey.shape == (3, 32, 32)
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-    assert loader.data_counts() == {"skipped": {"no_image": 1}, "converted": {"L": 1, "CMYK": 1, "RGBA": 1}}
+    assert loader.data_counts() == {"skipped": {"no_image": 1}, "converted": {"CMYK": 1, "L": 1, "RGBA": 1}}
 
 
 def test_training_loader_gives_every_rank_its_planned_batches_despite_corrupt_samples(tmp_path: Path) -> None:
@@ -328,10 +335,12 @@ def test_resampled_epoch_yields_exactly_the_batch_budget(tmp_path: Path) -> None
 
 
 def test_resampled_without_index_or_samples_per_epoch_raises(tmp_path: Path) -> None:
-    """Unindexed shards give no epoch length to resample to: DataError naming samples_per_epoch."""
+    """Remote shards (URLs) give no epoch length to resample to: DataError naming samples_per_epoch.
+    (Local shards without an index are counted: see the tests of other tools' shards.)"""
     write_id_shards(tmp_path, [4, 4], index=False)
     with pytest.raises(DataError, match="samples_per_epoch"):
-        ShardLoader(str(tmp_path), colour_id, batch_size=2, num_workers=1, resampled=True)
+        ShardLoader(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar", colour_id, batch_size=2, num_workers=1,
+                    resampled=True)  # fmt: skip
 
 
 def test_resampled_with_index_defaults_to_the_indexed_total(tmp_path: Path) -> None:
@@ -600,7 +609,7 @@ class LoggingCrop(RandomResizedCropFlip):
 def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches(
     tmp_path: Path, real_jpegs, num_workers: int
 ) -> None:
-    """``set_epoch(e, position)`` after k batches: the batches after the first k are the uninterrupted
+    """``set_epoch(e, Position(...))`` of the same shape, k batches in: the batches after the first k are the uninterrupted
     read's, pixel for pixel (augmentations included), and no image of the first k batches
     is decoded. Shards of uneven size, so workers run out at different batches."""
     jpegs = [data for name in sorted(real_jpegs) for data in real_jpegs[name]]
@@ -627,7 +636,7 @@ def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches
     skip = round(0.9 * len(reference))
     log.unlink()
     resumed = loader()
-    resumed.set_epoch(1, Position(world=1, batch_size=4, num_workers=resumed.num_workers, batches=skip))
+    resumed.set_epoch(1, Position(1, 4, num_workers, skip))
     batches = list(resumed)
     assert len(batches) == len(reference) - skip
     for got, want in zip(batches, reference[skip:]):
@@ -639,5 +648,35 @@ def test_resume_at_90_percent_skips_without_decoding_and_yields_the_same_batches
     # after any number of batches, odd ones too (the next batch then belongs to another
     # worker than the loader's first), the rest comes in the uninterrupted order
     for k in range(1, len(reference)):
-        resumed.set_epoch(1, Position(world=1, batch_size=4, num_workers=resumed.num_workers, batches=k))
+        resumed.set_epoch(1, Position(1, 4, num_workers, k))
         assert [b["label"].tolist() for b in resumed] == [b["label"].tolist() for b in reference[k:]], f"skip {k}"
+
+
+@pytest.mark.parametrize(("before", "after"), [((2, 2, 4), (1, 2, 8)), ((1, 2, 8), (2, 1, 4))], ids=["2to1", "1to2"])
+def test_resume_on_another_world_reads_none_of_the_samples_the_stopped_run_took(id_shards, before, after) -> None:
+    """Real tars and loader workers: a run of ``before`` (processes, workers, batch) stops 4
+    batches into the epoch; resumed as ``after`` (the same effective batch), its ranks read
+    the epoch's remaining batches, none of the samples taken, none twice."""
+    folder, all_ids = id_shards
+    (old_world, old_workers, old_batch), (new_world, new_workers, new_batch) = before, after
+    taken: list[int] = []
+    for rank in range(old_world):
+        loader = id_loader(folder, batch_size=old_batch, num_workers=old_workers, rank=rank, world_size=old_world,
+                           fill_to_plan=True)  # fmt: skip
+        loader.set_epoch(2)
+        batches = iter(loader)
+        taken += [label for _ in range(4) for label in next(batches)["label"].tolist()]
+        del batches
+    position = Position(old_world, old_batch, old_workers, 4)
+    read: list[int] = []
+    for rank in range(new_world):
+        loader = id_loader(folder, batch_size=new_batch, num_workers=new_workers, rank=rank, world_size=new_world,
+                           fill_to_plan=True)  # fmt: skip
+        loader.set_epoch(2, position)
+        batches = only_images_and_labels(list(loader))
+        assert len(batches) == loader.batches_per_epoch(2) - 4 * old_world * old_batch // (new_world * new_batch)
+        read += [label for b in batches for label in b["label"].tolist()]
+    assert len(taken) == len(set(taken)) == 4 * old_world * old_batch
+    assert len(read) == len(set(read)), "a sample read twice after the resume"
+    assert not set(read) & set(taken), "a sample the stopped run took was read again"
+    assert set(read) | set(taken) == set(all_ids)  # these shards divide: nothing is left unread

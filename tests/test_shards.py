@@ -94,7 +94,8 @@ def test_small_folder_gets_a_shard_per_default_reader_and_the_pretraining_comman
     the command line that pretrains on exactly the shards written."""
     import shlex
 
-    from mae.data.pipeline import DataConfig, expand_shards
+    from mae.data.loader import DataConfig
+    from mae.data.shards import expand_shards
     from shards.build import default_samples_per_shard
 
     readers = DataConfig().num_workers

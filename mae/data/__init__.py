@@ -1,1 +1,1 @@
-"""Reading images out of WebDataset shards: shard index, decoding, the streaming pipeline."""
+"""Reading images out of WebDataset shards: shard lists and sizes, the epoch plan, the streaming steps and the loader."""

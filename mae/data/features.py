@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .plan import Position
+
 
 class FeatureLoader:
     """Batches of this rank's (features, labels), shuffled by (seed, epoch); the same
@@ -25,8 +27,13 @@ class FeatureLoader:
         self._batches = -(-len(features) // batch_size)
         self._even = batches_per_epoch  # the fewest any rank has, when ranks hold different counts
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
+    def set_epoch(self, epoch: int, position: Position | None = None) -> None:
+        """From ``epoch``'s start, or past the samples a stopped run took (``position``)."""
+        taken = position.world * position.batch_size * position.batches if position else 0
+        self.epoch, self.skip = epoch, taken // self.batch_size
+
+    def data_counts(self) -> dict[str, dict[str, int]]:
+        return {"skipped": {}, "converted": {}}  # features in memory: nothing to skip or convert
 
     def batches_per_epoch(self, epoch: int) -> int:
         return self._batches if self._even is None else self._even
@@ -48,5 +55,4 @@ class FeatureLoader:
         features, labels = self.shuffled(self.epoch)
         for start in range(self.skip * self.batch_size, len(features), self.batch_size):
             end = start + self.batch_size
-            yield {"image": features[start:end], "label": labels[start:end], "worker": 0, "skipped": {},
-                   "converted": {}}  # fmt: skip
+            yield {"image": features[start:end], "label": labels[start:end]}

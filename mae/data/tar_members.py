@@ -54,7 +54,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
 def read_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular member of a tar stream, in order. The stream is read
     forward only (pipes and URLs too); the archive ends at its first all-zero block."""
+    return _members(stream, read_data=True)
+
+
+def member_names(stream: BinaryIO) -> Iterator[str]:
+    """The name of each regular member, in order, seeking over the members' bytes: counting
+    the samples of a shard reads its headers only."""
+    return (name for name, _ in _members(stream, read_data=False))
+
+
+def _members(stream: BinaryIO, read_data: bool) -> Iterator[tuple[str, bytes]]:
     offset, long_name, pax = 0, None, {}
+    if not read_data:  # a seekable file: where it ends tells a cut-short tar
+        start = stream.tell()
+        length = stream.seek(0, 2) - start
+        stream.seek(start)
     while True:
         header = stream.read(BLOCK)
         if not header.strip(b"\0"):
@@ -68,9 +82,16 @@ def read_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError(f"bad checksum in the tar header at byte {offset}")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size", offset)
-        data = _read_exactly(stream, size, offset + BLOCK)
-        _read_exactly(stream, -size % BLOCK, offset + BLOCK + size)  # padding to a whole block
-        offset += BLOCK + size + (-size % BLOCK)
+        padded = size + (-size % BLOCK)
+        data = b""
+        if read_data or kind in (b"L", b"x"):
+            data = _read_exactly(stream, size, offset + BLOCK)
+            _read_exactly(stream, -size % BLOCK, offset + BLOCK + size)  # padding to a whole block
+        elif offset + BLOCK + padded > length:
+            raise tarfile.ReadError(f"unexpected end of data at byte {length}: the tar is cut short")
+        else:
+            stream.seek(padded, 1)
+        offset += BLOCK + padded
         if kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode(ENCODING, "surrogateescape")
             continue
