@@ -2,7 +2,8 @@
 
 Accepted sources: a pretraining run folder (its ``encoder.safetensors``, else its latest
 checkpoint), a checkpoint folder, an ``encoder.safetensors`` file, or a released MAE
-checkpoint (``{'model': state_dict}`` with decoder weights).
+checkpoint (``{'model': state_dict}`` with decoder weights), or a transformers ViTMAE
+folder or ``hf-hub:<repo id>`` (``mae.hf``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from timm.layers import resample_patch_embed
 
 from .checkpoint import find_latest, load_plain, load_weights
 from .config import ConfigError
+from .hf import is_hf_mae_folder, load_hf_mae
 from .models.mae_vit import PRESETS, MAEConfig, encoder_only
 from .models.pos_embed import resize_pos_embed
 
@@ -43,7 +45,10 @@ def resolve_pretrained(source: str | Path) -> Path:
 
 
 def encoder_metadata(source: str | Path) -> dict[str, Any]:
-    """timm name and arguments stored in an exported encoder; {} for other sources."""
+    """timm name and arguments stored in an exported encoder or a ViTMAE config; {} for other sources."""
+    if is_hf_mae_folder(source):
+        cfg, _ = load_hf_mae(source, weights=False)
+        return {"timm_name": cfg.timm_model, "timm_kwargs": cfg.timm_kwargs()}
     path = resolve_pretrained(source)
     if path.suffix != ".safetensors":
         return {}
@@ -69,6 +74,8 @@ def _metadata_from_checkpoint(folder: Path) -> dict[str, Any]:
 
 def encoder_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Encoder weights in timm names: decoder and mask token dropped, DDP prefixes stripped."""
+    if is_hf_mae_folder(source):
+        return encoder_only(load_hf_mae(source)[1])
     return encoder_only(load_weights(resolve_pretrained(source)))
 
 

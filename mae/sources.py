@@ -4,7 +4,8 @@ image tensors, or refused with a one-line reason.
 Model sources: a pretraining run folder (latest checkpoint: encoder and decoder), a
 fine-tuning run folder, a checkpoint folder of either, an ``encoder.safetensors``, a
 released MAE checkpoint (``{'model': ...}``; the architecture is matched to a preset by
-its shapes), or a timm ViT name with a weights file. The encoder always comes back as a
+its shapes), a transformers ViTMAE folder or ``hf-hub:<repo id>``, or a timm ViT name
+with a weights file. The encoder always comes back as a
 timm model, so every analysis runs on one kind of module; the whole autoencoder comes
 back too when the source has a decoder.
 """
@@ -27,11 +28,13 @@ from .data.decode import UndecodableImage, decode_rgb
 from .data.pipeline import DataError, ShardLoader
 from .data.transforms import eval_transform, to_model_input
 from .encoder import ENCODER_FILE, encoder_metadata
+from .hf import HFError, is_hf_mae_folder, load_hf_mae
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only
 from .pretrain import PretrainConfig, model_config
 
 ACCEPTED = ("a pretraining or fine-tuning run folder, a checkpoint folder, an encoder.safetensors, "
-            "a released MAE checkpoint ({'model': ...}) or a timm model name with --weights")  # fmt: skip
+            "a released MAE checkpoint ({'model': ...}), a transformers ViTMAE folder or hf-hub:<repo id>, "
+            "or a timm model name with --weights")  # fmt: skip
 
 
 class SourceError(ValueError):
@@ -75,6 +78,13 @@ def load_source(source: str, weights: str | None = None, *, norm_pix_loss: bool 
         if path.exists():
             raise SourceError(f"--weights goes with a timm model name, not with the path {source}")
         return _timm_source(source, weights)
+    if is_hf_mae_folder(source):
+        try:
+            cfg, sd = load_hf_mae(source)
+        except HFError as err:
+            raise SourceError(str(err)) from None
+        return _mae_source(cfg if norm_pix_loss is None else replace(cfg, norm_pix_loss=norm_pix_loss), sd,
+                           f"transformers ViTMAE {source}")  # fmt: skip
     if path.is_dir():
         if (path / "config.yaml").is_file():
             return _run_folder(path, norm_pix_loss)
