@@ -58,6 +58,10 @@ def _timm_config(mae: MaskedAutoencoderViT, path: Path) -> Path:
     data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic", "crop_pct": 0.875,
             "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size)}  # fmt: skip
     save_config_for_hf(model, str(path), model_args=cfg.timm_kwargs(), data_config=data)
+    written = json.loads(path.read_text())
+    for key in ("tag", "license"):  # those of timm's default weights for the name, not of these
+        written["pretrained_cfg"].pop(key, None)
+    path.write_text(json.dumps(written, indent=2) + "\n")
     return path
 
 
@@ -96,13 +100,13 @@ def model_card(source: str, fmt: str, mae: MaskedAutoencoderViT) -> str:
         "hf": "from transformers import ViTMAEForPreTraining\nmodel = ViTMAEForPreTraining.from_pretrained(FOLDER)",
         "hf-encoder": "from transformers import ViTModel\nmodel = ViTModel.from_pretrained(FOLDER, add_pooling_layer=False)",
         "timm": (f"import json, timm\ncfg = json.load(open(FOLDER + '/config.json'))\n"
-                 f"model = timm.create_model(cfg['architecture'], pretrained=True, num_classes=0, **cfg['model_args'],\n"
+                 f"model = timm.create_model(cfg['architecture'], pretrained=True, **cfg['model_args'],  # num_classes=0: features\n"
                  f"    pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], file=FOLDER + '/{ENCODER_FILE}'))"),
     }[fmt]  # fmt: skip
     lines = ["---", f"library_name: {library}", "tags: [mae, masked-autoencoder, vision, self-supervised]", "---", "",
              f"# MAE {cfg.embed_dim}-wide, {cfg.depth}-block ViT, {cfg.patch_size}-pixel patches at {cfg.img_size} px: {name}", "",
              f"A masked autoencoder (He et al. 2021) exported with `python -m pipelines.export {name} --format {fmt}`.",
-             "", "```python", load, "```", "",
+             "", "Load it (`FOLDER`: the path of this folder):", "", "```python", load, "```", "",
              f"- Pixel target: {'each patch normalised by its own mean and variance (norm_pix_loss)' if cfg.norm_pix_loss else 'raw pixels'}; mask ratio {cfg.mask_ratio}.",
              "- Inputs: RGB scaled to [0, 1], normalised with ImageNet's mean and std."]  # fmt: skip
     if not rec:

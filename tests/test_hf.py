@@ -331,8 +331,8 @@ SMALL = ["data.train=shards/cifar10/test-000000.tar", "data.val=shards/cifar10/t
 def test_every_stage_starts_from_a_hub_folder(tmp_path):
     folder = saved(hub_model(CIFAR, {"depth": 2}, norm_pix_loss=True), tmp_path / "hub")
     stage("pipelines.pretrain", f"output_dir={tmp_path / 'pt'}", "model_overrides.depth=2", f"init_from={folder}", *SMALL)
-    stage("pipelines.linprobe", f"output_dir={tmp_path / 'lp'}", f"pretrained={folder}", *SMALL)
-    stage("pipelines.finetune", f"output_dir={tmp_path / 'ft'}", f"pretrained={folder}", *SMALL)
+    stage("pipelines.linprobe", f"output_dir={tmp_path / 'lp'}", f"pretrained={folder}", "warmup_epochs=0", *SMALL)
+    stage("pipelines.finetune", f"output_dir={tmp_path / 'ft'}", f"pretrained={folder}", "warmup_epochs=0", *SMALL)
     assert (tmp_path / "pt" / "encoder.safetensors").exists() and (tmp_path / "ft" / "model.safetensors").exists()
 
 
@@ -352,6 +352,12 @@ def test_export_of_a_run_in_every_format(tmp_path):
     assert "Final training loss:" in card and "Final validation loss:" in card and "model_overrides:" in card
     ViTModel.from_pretrained(tmp_path / "hf-encoder", add_pooling_layer=False)
     timm_cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
-    vit = timm.create_model(timm_cfg["architecture"], pretrained=True, num_classes=0, **timm_cfg["model_args"],
+    vit = timm.create_model(timm_cfg["architecture"], pretrained=True, **timm_cfg["model_args"],
                             pretrained_cfg_overlay=dict(timm_cfg["pretrained_cfg"], file=str(tmp_path / "timm" / "encoder.safetensors")))  # fmt: skip
     assert torch.equal(vit.pos_embed, encoder_only(load_weights(checkpoint))["pos_embed"])
+    assert "tag" not in timm_cfg["pretrained_cfg"] and vit.num_classes == 0
+    card = (tmp_path / "timm" / "README.md").read_text()  # its loading snippet runs as written
+    code = card.split("```python\n")[1].split("```")[0]
+    namespace = {"FOLDER": str(tmp_path / "timm")}
+    exec(code, namespace)  # noqa: S102 - the card's own snippet, on the exported folder
+    assert torch.equal(namespace["model"].pos_embed, vit.pos_embed)
