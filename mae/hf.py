@@ -35,7 +35,13 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError, load_plain
 from .config import ConfigError
-from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, checkpoint_filter_fn
+from .models.mae_vit import (
+    DECODER_PREFIXES,
+    PRESETS,
+    MAEConfig,
+    MaskedAutoencoderViT,
+    checkpoint_filter_fn,
+)
 
 HUB_PREFIX = "hf-hub:"  # as timm: hf-hub:<owner>/<name> is a Hub repository, never a local path
 ARCHITECTURE = "ViTMAEForPreTraining"

@@ -26,7 +26,7 @@ from mae.checkpoint import load_weights
 from mae.config import ConfigError
 from mae.encoder import create_vit
 from mae.export import export
-from mae.hf import HFError, init_from_hf, load_hf_mae, save_hf
+from mae.hf import HFError, load_hf_mae, save_hf
 from mae.models import create_model
 from mae.models.mae_vit import encoder_only, preset_config
 from mae.models.pos_embed import resize_pos_embed
@@ -346,7 +346,7 @@ def test_export_of_a_run_in_every_format(tmp_path):
     theirs = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf")
     assert_same_outputs(ours, theirs, ours.cfg)
     card = (tmp_path / "hf" / "README.md").read_text()
-    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    checkpoint = max((run / "checkpoints").iterdir())
     step = torch.load(checkpoint / "state.pt", weights_only=True)["step"]
     assert f"Images seen: {step * 64:,} ({step} optimiser steps" in card
     assert "Final training loss:" in card and "Final validation loss:" in card and "model_overrides:" in card
