@@ -14,6 +14,7 @@ from .collectives import sum_ranks
 from .data.loader import ShardLoader, make_loaders
 from .data.transforms import eval_transform, pretrain_transform, to_model_input
 from .evaluation import lockstep
+from .hf import init_from_hf
 from .engine import FitResult, RunConfig, Task, Trainer
 from .files import write_atomic
 from .models.mae_vit import PRESETS, MaskedAutoencoderViT, encoder_only, model_config
@@ -39,6 +40,9 @@ class PretrainConfig(RunConfig):
     epochs: int = 4
     warmup_epochs: float = 1.0
     num_vis: int = 8  # validation images in each reconstruction picture
+    # start from a transformers ViTMAE (a local folder or hf-hub:<repo id>): encoder and decoder
+    # weights; the model's shape keys must match it (mae.hf.init_from_hf says which do not)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,7 +58,10 @@ class PretrainConfig(RunConfig):
 
 
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(model_config(asdict(cfg)))
+    model = MaskedAutoencoderViT(model_config(asdict(cfg)))
+    if cfg.init_from:
+        init_from_hf(model, cfg.init_from)
+    return model
 
 
 def save_encoder(model: MaskedAutoencoderViT, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

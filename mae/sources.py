@@ -30,15 +30,17 @@ from .data.decode import UndecodableImage, decode_rgb
 from .data.loader import ShardLoader
 from .data.shards import DataError
 from .data.transforms import eval_transform, to_model_input
+from .hf import HUB_PREFIX, HFError, is_hf_mae_folder, load_hf_mae
 from .models.mae_vit import DECODER_PREFIXES, PRESETS, MAEConfig, MaskedAutoencoderViT, encoder_only, model_config
 
 ENCODER_FILE = "encoder.safetensors"  # what pretraining exports at its end
 EXPORTS = {"pretrain": ENCODER_FILE, "finetune": "model.safetensors"}  # the file each stage writes at its end
 STAGE_WORDS = {"pretrain": "pretraining", "linprobe": "linear-probe", "finetune": "fine-tuning"}
 ACCEPTED = ("a pretraining or fine-tuning run folder, a checkpoint folder, an encoder.safetensors, "
-            "a released MAE checkpoint ({'model': ...}) or a timm model name with its weights file")  # fmt: skip
+            "a released MAE checkpoint ({'model': ...}), a transformers ViTMAE folder (or hf-hub:ID) "
+            "or a timm model name with its weights file")  # fmt: skip
 
-SourceKind = Literal["run", "checkpoint", "encoder", "released", "timm"]
+SourceKind = Literal["run", "checkpoint", "encoder", "released", "hf", "timm"]
 
 
 class SourceError(ValueError):
@@ -111,6 +113,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None) -> Res
     ``model.safetensors`` itself); an **encoder** file (safetensors recording its timm
     model, as pretraining exports it); a **released** file, weights that record no
     architecture (the official ``{'model': ...}`` .pth), matched to a preset by shapes;
+    an **hf** folder in transformers' ViTMAE layout, or ``hf-hub:<repo id>``;
     a **timm** model name with a ``weights`` file."""
     kind = source_kind(source, weights)
     if kind == "timm":
@@ -125,11 +128,15 @@ def source_kind(source: str | Path, weights: str | Path | None = None) -> Source
         if path.exists():
             raise SourceError(f"--weights goes with a timm model name, not with the path {source}")
         return "timm"
+    if str(source).startswith(HUB_PREFIX):
+        return "hf"
     if path.is_dir():
         if (path / "config.yaml").is_file():
             return "run"
         if _is_checkpoint(path):
             return "checkpoint"
+        if is_hf_mae_folder(path):
+            return "hf"
         raise SourceError(f"{source}: a folder with neither config.yaml (a run) nor state.pt (a checkpoint); "
                           f"give {ACCEPTED}")  # fmt: skip
     if path.is_file():
@@ -197,6 +204,17 @@ def _released(path: Path) -> ResolvedSource:
     return ResolvedSource(str(path), "released", f"{path} (as {preset})", path, TimmSpec.of(cfg), mae, _weights=sd)
 
 
+def _hf_folder(path: Path) -> ResolvedSource:
+    """A transformers ViTMAE folder or ``hf-hub:`` id (``mae/hf.py`` maps its names to ours)."""
+    source = str(path)
+    try:
+        cfg, sd = load_hf_mae(source)
+    except HFError as err:
+        raise SourceError(str(err)) from None
+    mae = cfg if any(k.startswith(DECODER_PREFIXES) for k in sd) else None
+    return ResolvedSource(source, "hf", f"transformers ViTMAE {source}", path, TimmSpec.of(cfg), mae, _weights=sd)
+
+
 def _timm_name(name: str, weights: Path) -> ResolvedSource:
     if not _is_timm_name(name):
         raise SourceError(f"{name}: not a timm model name (timm.list_models() lists them)")
@@ -207,7 +225,7 @@ def _timm_name(name: str, weights: Path) -> ResolvedSource:
 
 
 PATH_KINDS: dict[SourceKind, Callable[[Path], ResolvedSource]] = {
-    "run": _run, "checkpoint": _checkpoint, "encoder": _encoder_file, "released": _released,
+    "run": _run, "checkpoint": _checkpoint, "encoder": _encoder_file, "released": _released, "hf": _hf_folder,
 }  # fmt: skip
 
 
