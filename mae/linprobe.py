@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ class LinprobeConfig(DownstreamConfig):
     # paper's rate (blr 0.1 at batch 16384, lr 6.4) is what a small batch needs too.
     blr: float = 6.4
     weight_decay: float = 0.0
-    warmup_epochs: float = 10.0
+    DEFAULT_WARMUP: ClassVar[float] = 10.0
     augment: bool = True  # RandomResizedCrop + flip while training; off means the eval transform
     cached_features: bool = True  # encode once, train the head on stored features (no augmentation)
     knn: bool = True  # also report k-NN accuracy of the frozen features
@@ -157,7 +157,7 @@ def fit_head_on_features(
                           f"{cfg.epochs} epochs (seconds); cached_features=false trains through the loop that has them")  # fmt: skip
     head.to(accelerator.device).train()
     steps_per_epoch = train.batches_per_epoch(0)
-    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup() * steps_per_epoch)
     lr0, batch = base_lr(cfg, accelerator.num_processes), train.batch_size
     metrics = MetricsLogger(accelerator, cfg)
     accelerator.print(f"cached probe: {len(train.features)} features x {cfg.epochs} epochs, {steps_per_epoch} steps "

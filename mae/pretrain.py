@@ -35,7 +35,6 @@ class PretrainConfig(RunConfig):
     norm_pix_loss: bool = True
     blr: float = 1.5e-3  # higher than the paper's 1.5e-4 (effective batch 4096) for short small-batch runs
     epochs: int = 4
-    warmup_epochs: float = 1.0
     num_vis: int = 8  # validation images in each reconstruction picture
 
     def __post_init__(self) -> None:
