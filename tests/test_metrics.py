@@ -127,8 +127,8 @@ def test_a_tracker_that_raises_is_switched_off_and_the_run_goes_on(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "warning: tracker" in line]
-    assert warnings == ["warning: tracker 'refusing' failed and is off for the rest of this run (metrics.jsonl and "
-                        "the other trackers go on): RuntimeError: the tracking server goes away"]  # fmt: skip
+    assert warnings == [("warning: tracker 'refusing' failed and is off for the rest of this run (metrics.jsonl and "
+                         "the other trackers go on): RuntimeError: the tracking server goes away")]  # fmt: skip
     losses = {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
     assert len(losses) > 1 and (out / "encoder.safetensors").is_file()
     events = EventAccumulator(str(out / "mae-pretrain"))
