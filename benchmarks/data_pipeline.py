@@ -12,9 +12,12 @@ loader  decode + augmentation (RandomResizedCrop 224, scale 0.2-1, bicubic, flip
         by ``to_model_input`` in the main process. One loader worker each, so img/s is per
         core of decoding and augmentation; passes alternate between the two, each in a new
         process, with glibc's malloc fresh and warm (--malloc; see MALLOC below).
-build   ``build_shards`` of the (b) photos with 1 and with 2 worker processes, alternating;
-        the outputs must be byte-identical. (The 256 (a) photos build in about 0.4 s, too
-        short a run: starting the worker processes then weighs as much as the work.)
+build   ``python -m shards build`` timed as a whole command (start-up included), with
+        ``--workers 1`` and ``--workers 2``, alternating, on two kinds of image: the 50,000
+        CIFAR-10 training JPEGs of 32 x 32 (small files, where per-file overhead counts;
+        --cifar, a train.tar.gz of train/<class>/<n>.jpg or its extracted folder, by default
+        $MAE_DATASETS/cifar10/train.tar.gz) and the (b) photos (large files, where decoding
+        counts). The outputs of 1 and 2 workers must be byte-identical.
 scales  why decoding uses the DCT scales 1, 1/2, 1/4, 1/8 only: libjpeg-turbo's decode speed
         of the (a) photos at each n/8, and how far each scale's pixels are from the full-size
         decode resized (bicubic, antialiased) to the same size, in mean absolute grey levels.
@@ -157,23 +160,48 @@ def loader_part(work: Path, passes: dict[str, int], repeat: dict[str, int], mall
     return out
 
 
-def build_part(work: Path, rounds: int) -> dict:
-    src = prepare(work)["b"].parent
-    times: dict[int, list[float]] = {1: [], 2: []}
-    outputs = {}
-    for _ in range(rounds):
-        for workers in (1, 2):
-            dest = work / f"build-{workers}"
-            shutil.rmtree(dest, ignore_errors=True)
-            start = time.perf_counter()
-            index = build_shards(src, dest, samples_per_shard=64, workers=workers, source="bench")
-            times[workers].append(index.total / (time.perf_counter() - start))
-            outputs[workers] = {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
-    identical = outputs[1] == outputs[2]
-    ratio = statistics.median(times[2]) / statistics.median(times[1])
-    print(f"build: 1 worker {statistics.median(times[1]):.0f} img/s, 2 workers {statistics.median(times[2]):.0f} img/s, "
-          f"ratio {ratio:.2f}, byte-identical: {identical}", flush=True)
-    return {"img_s_1": times[1], "img_s_2": times[2], "ratio_of_medians": ratio, "byte_identical": identical}
+def cifar_folder(work: Path, cifar: Path) -> Path:
+    """The CIFAR-10 training JPEGs as class folders: ``cifar`` itself, or extracted from it once."""
+    if cifar.is_dir():
+        return cifar
+    if not cifar.is_file():
+        sys.exit(f"--cifar {cifar}: no such archive or folder; pass the CIFAR-10 train.tar.gz or its extracted "
+                 "folder, or set MAE_DATASETS to the folder holding cifar10/train.tar.gz")  # fmt: skip
+    folder = work / "cifar-train"
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        with tarfile.open(cifar) as tar:
+            tar.extractall(folder, filter="data")
+        (folder / "done").touch()
+    (top,) = [p for p in folder.iterdir() if p.is_dir()]  # train/<class>/<n>.jpg
+    return top
+
+
+def build_part(work: Path, rounds: int, cifar: Path) -> dict:
+    """Whole ``python -m shards build`` commands, 1 against 2 workers, on small and on large images."""
+    sources = {"cifar10-train": (cifar_folder(work, cifar), []), "photos-b": (prepare(work)["b"].parent,
+               ["--samples-per-shard", "64"])}  # fmt: skip
+    out = {}
+    for case, (src, extra) in sources.items():
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        outputs = {}
+        for _ in range(rounds):
+            for workers in (1, 2):
+                dest = work / f"build-{case}-{workers}"
+                shutil.rmtree(dest, ignore_errors=True)
+                cmd = [sys.executable, "-m", "shards", "build", str(src), str(dest), "--workers", str(workers),
+                       "--source", "bench", *extra]  # fmt: skip
+                start = time.perf_counter()
+                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+                walls[workers].append(time.perf_counter() - start)
+                outputs[workers] = {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
+        identical = outputs[1] == outputs[2]
+        one, two = statistics.median(walls[1]), statistics.median(walls[2])
+        print(f"build {case}: 1 worker {one:.2f} s, 2 workers {two:.2f} s, speed-up {one / two:.2f}x, "
+              f"byte-identical: {identical}", flush=True)
+        out[case] = {"wall_s_1": walls[1], "wall_s_2": walls[2], "speedup_of_medians": one / two,
+                     "byte_identical": identical}  # fmt: skip
+    return out
 
 
 def scales_part(work: Path) -> dict:
@@ -267,6 +295,9 @@ def main() -> None:
     parser.add_argument("--repeat-a", type=int, default=4, help="times each (a) photo is read in one pass")
     parser.add_argument("--repeat-b", type=int, default=1)
     parser.add_argument("--build-rounds", type=int, default=1)
+    parser.add_argument("--cifar", type=Path, default=Path(os.environ.get("MAE_DATASETS", "DATASETS"), "cifar10", "train.tar.gz"),
+                        help="build: the CIFAR-10 training JPEGs, train.tar.gz or its extracted folder "
+                             "(default: $MAE_DATASETS/cifar10/train.tar.gz)")  # fmt: skip
     parser.add_argument("--stage-epochs", type=int, default=2)
     parser.add_argument("--stage-args", default="", help="extra key=value settings of the stage, e.g. compile=true")
     parser.add_argument("--bare-steps", type=int, default=20)
@@ -290,7 +321,7 @@ def main() -> None:
         report["loader"] = loader_part(work, {"a": args.passes_a, "b": args.passes_b},
                                        {"a": args.repeat_a, "b": args.repeat_b}, args.malloc.split(","))
     if "build" in parts:
-        report["build"] = build_part(work, args.build_rounds)
+        report["build"] = build_part(work, args.build_rounds, args.cifar)
     if "scales" in parts:
         report["scales"] = scales_part(work)
     if "stage" in parts:

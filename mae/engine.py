@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from tqdm import tqdm
@@ -56,7 +56,10 @@ class RunConfig:
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    # None: the stage's default warm-up (DEFAULT_WARMUP epochs at its default epochs), shortened in
+    # the same proportion when epochs is set lower, so a short run still fits its warm-up.
+    warmup_epochs: float | None = None
+    DEFAULT_WARMUP: ClassVar[float] = 1.0
     clip_grad: float | None = None  # max gradient norm; None for no clipping
     seed: int = 0
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint folder
@@ -86,14 +89,22 @@ class RunConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.mixed_precision!r}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ValueError("blr and lr must be positive")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} is outside [0, epochs={self.epochs}]: set "
+                             f"warmup_epochs to at most {self.epochs}, or leave it unset for a warm-up that fits")  # fmt: skip
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 or null, got {self.max_steps}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive or null, got {self.max_minutes}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be positive or null, got {self.clip_grad}")
+
+    def warmup(self) -> float:
+        """Epochs of warm-up: ``warmup_epochs``, or the stage's default scaled down to ``epochs``."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        default_epochs = next(f.default for f in fields(self) if f.name == "epochs")
+        return self.DEFAULT_WARMUP * min(1.0, self.epochs / default_epochs)
 
 
 class Loader(Protocol):
@@ -196,7 +207,7 @@ class Trainer:
             )
         steps_per_epoch = micro // cfg.accum_iter
         self.plan = StepPlan(steps_per_epoch=steps_per_epoch, cap=cfg.max_steps or steps_per_epoch * cfg.epochs,
-                             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                             warmup_steps=round(cfg.warmup() * steps_per_epoch),
                              base_lr=base_lr(cfg, self.world), min_lr=cfg.min_lr, max_minutes=cfg.max_minutes)  # fmt: skip
         self.step = 0
 

@@ -48,7 +48,7 @@ class FinetuneConfig(DownstreamConfig):
     blr: float = 8e-3
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
+    DEFAULT_WARMUP: ClassVar[float] = 0.5
     mixup: float = 0.0  # Mixup alpha; 0 turns it off
     cutmix: float = 0.0  # CutMix alpha; 0 turns it off
     smoothing: float = 0.0

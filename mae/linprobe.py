@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 
-from .data.features import FeatureLoader
+from .data.features import CachedFeatures
 from .data.loader import ShardLoader, make_loaders
 from .data.transforms import eval_transform, probe_transform
 from .downstream import DownstreamConfig, setup
@@ -43,7 +43,7 @@ class LinprobeConfig(DownstreamConfig):
     # paper's rate (blr 0.1 at batch 16384, lr 6.4) is what a small batch needs too.
     blr: float = 6.4
     weight_decay: float = 0.0
-    warmup_epochs: float = 10.0
+    DEFAULT_WARMUP: ClassVar[float] = 10.0
     augment: bool = True  # RandomResizedCrop + flip while training; off means the eval transform
     cached_features: bool = True  # encode once, train the head on stored features (no augmentation)
     knn: bool = True  # also report k-NN accuracy of the frozen features
@@ -136,7 +136,7 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
             accelerator.print("k-NN: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()))
     optimizer = lars_for(probe.head, base_lr(cfg, world), cfg.weight_decay)
     if cfg.cached_features:
-        train_set = FeatureLoader(*(gather_all(t, accelerator).to(accelerator.device) for t in features["train"]),
+        train_set = CachedFeatures(*(gather_all(t, accelerator).to(accelerator.device) for t in features["train"]),
                                   batch_size=effective_batch(cfg, world), seed=cfg.seed, shuffle=cfg.data.shuffle)  # fmt: skip
         val_set = [gather_all(t, accelerator).to(accelerator.device) for t in features["val"]] if val else None
         task = ProbeTask(accelerator, None, extra, (train_set.features.shape[1],))
@@ -146,23 +146,27 @@ def linprobe(cfg: LinprobeConfig, accelerator: Any) -> FitResult:
 
 
 def fit_head_on_features(
-    cfg: LinprobeConfig, accelerator: Any, head: ProbeHead, optimizer: torch.optim.Optimizer, train: FeatureLoader,
+    cfg: LinprobeConfig, accelerator: Any, head: ProbeHead, optimizer: torch.optim.Optimizer, train: CachedFeatures,
     val: list[torch.Tensor] | None, task: ProbeTask,
 ) -> FitResult:  # fmt: skip
-    """The cached probe's loop, at memory speed: the features sit on the device, each epoch
-    is one shuffled copy cut into batch views, the loss is read only at log steps, and
-    evaluation is one matmul over the validation features. Every rank holds all ranks'
-    features (tens of MB) and trains the same head on the same batches of one optimiser
-    step each (``batch_size`` x processes x ``accum_iter``), so nothing is exchanged; the
-    schedule and LARS steps are the shared loop's. No checkpoints: it takes seconds."""
+    """The cached probe's own small loop, not the stages' ``Trainer``: at memory speed, a
+    ``Trainer`` step per batch would cost more than the step itself. The features sit on the
+    device; each epoch is one shuffled copy cut into batch views; each batch is one optimiser
+    step (``batch_size`` x processes x ``accum_iter`` features) under ``lr_at``'s schedule, as
+    the on-the-fly probe has it; the mean loss is read, checked for being finite and logged
+    every ``log_every`` steps and at each epoch's end; evaluation is one matmul over the
+    validation features. Every rank holds all ranks' features (tens of MB) and trains the same
+    head on the same batches, so nothing is exchanged. What ``Trainer`` does and this does not:
+    checkpoints and resume, max_steps/max_minutes, gradient clipping, stop signals. It takes
+    seconds, so it reruns instead."""
     if cfg.resume:
         accelerator.print(f"resume={cfg.resume}: the cached probe retrains its head from the features (seconds)")
     if cfg.max_steps is not None or cfg.max_minutes is not None:
         accelerator.print("max_steps/max_minutes do not apply to the cached probe: its head trains all "
                           f"{cfg.epochs} epochs (seconds); cached_features=false trains through the loop that has them")  # fmt: skip
     head.to(accelerator.device).train()
-    steps_per_epoch = train.batches_per_epoch(0)
-    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    steps_per_epoch = train.batches_per_epoch
+    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup() * steps_per_epoch)
     lr0, batch = base_lr(cfg, accelerator.num_processes), train.batch_size
     metrics = MetricsLogger(accelerator, cfg)
     accelerator.print(f"cached probe: {len(train.features)} features x {cfg.epochs} epochs, {steps_per_epoch} steps "

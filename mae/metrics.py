@@ -2,13 +2,18 @@
 ``metrics.jsonl`` (the project's own record, a JSON object per logged step) and the
 experiment trackers Accelerate drives (``report_to``: TensorBoard by default; W&B, MLflow,
 Comet, Aim, ClearML, DVCLive... when installed), with the run's resolved config as
-hyper-parameters."""
+hyper-parameters.
+
+Names are made valid for every tracker at once (``tracker_name``), and a tracker that
+raises while logging is switched off with one warning: a tracker never stops training."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +63,21 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
             flat[prefix[:-1]] = json.dumps(value)
 
     walk("", dataclasses.asdict(cfg))
-    return flat
+    return {tracker_name(k): v for k, v in flat.items()}
+
+
+_FORBIDDEN = re.compile(r"[^A-Za-z0-9_./-]")
+
+
+def tracker_name(name: str) -> str:
+    """``name`` with what some tracker rejects replaced by ``_``, so one name serves all of them
+    and ``metrics.jsonl``. MLflow takes only alphanumerics, ``_ - . / :`` and spaces (no colon on
+    Windows), and no empty, ``.`` or ``..`` segment between slashes; DVCLive writes each metric
+    to a file of that name; W&B sorts and filters only names of letters, digits and ``_`` (``/``
+    groups its panels). TensorBoard, Comet, Aim and ClearML take any string. So: letters, digits
+    and ``_ - . /``, with ``/`` only between non-empty segments that are not dots."""
+    segments = [_FORBIDDEN.sub("_", part) for part in name.split("/")]
+    return "/".join(part for part in segments if part.strip(".")) or "_"
 
 
 def scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -74,8 +93,10 @@ def scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 class MetricsLogger:
     """Opens the run's trackers (``accelerator.init_trackers``) and writes every record to
-    them and to ``metrics.jsonl``. On resume, lines and TensorBoard events after the
-    checkpoint's step are dropped: the resumed run logs those steps again."""
+    them and to ``metrics.jsonl``, under the names ``tracker_name`` makes. On resume, lines and
+    TensorBoard events after the checkpoint's step are dropped: the resumed run logs those
+    steps again. A tracker that raises while storing the config or logging is reported once
+    on stderr and dropped from ``accelerator.trackers``; the rest of the run goes on without it."""
 
     def __init__(self, accelerator: Any, cfg: Any, resume_step: int | None = None) -> None:
         self.acc = accelerator
@@ -88,7 +109,9 @@ class MetricsLogger:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", buffering=1)
         init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
-        accelerator.init_trackers(tracker_project(cfg), config=hyperparameters(cfg), init_kwargs=init_kwargs)
+        accelerator.init_trackers(tracker_project(cfg), init_kwargs=init_kwargs)
+        config = hyperparameters(cfg)
+        self._each_tracker(lambda tracker: tracker.store_init_configuration(config))
 
     def _truncate_after(self, step: int) -> None:
         """Lines logged after the checkpoint we resume from would be logged again: drop them."""
@@ -104,9 +127,22 @@ class MetricsLogger:
     def log(self, step: int, **values: Any) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": step, **_plain(values)}
         self._file.write(json.dumps(record) + "\n")
-        self.acc.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
+        numbers = scalars({k: v for k, v in record.items() if k != "step"})
+        self._each_tracker(lambda tracker: tracker.log(numbers, step=step))
+
+    def _each_tracker(self, call: Any) -> None:
+        """``call(tracker)`` for every tracker still on; one that raises is switched off."""
+        for tracker in list(self.acc.trackers):
+            try:
+                call(tracker)
+            except Exception as err:  # noqa: BLE001  (any failure of a tracker, never the run's)
+                self.acc.trackers.remove(tracker)
+                message = " ".join(str(err).split()) or type(err).__name__
+                print(f"warning: tracker {tracker.name!r} failed and is off for the rest of this run "
+                      f"(metrics.jsonl and the other trackers go on): {type(err).__name__}: {message}",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         """Closes ``metrics.jsonl``; the trackers end with ``accelerator.end_training()``."""
@@ -115,10 +151,11 @@ class MetricsLogger:
 
 
 def _plain(v: Any) -> Any:
+    """Tensors as numbers, and every key as the trackers get it (a mode ``I;16`` as ``I_16``)."""
     if hasattr(v, "item"):
         return v.item()
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+        return {tracker_name(str(k)): _plain(x) for k, x in v.items()}
     return v
 
 

@@ -38,7 +38,6 @@ class PretrainConfig(RunConfig):
     norm_pix_loss: bool = True
     blr: float = 1.5e-3  # higher than the paper's 1.5e-4 (effective batch 4096) for short small-batch runs
     epochs: int = 4
-    warmup_epochs: float = 1.0
     num_vis: int = 8  # validation images in each reconstruction picture
     # start from a transformers ViTMAE (a local folder or hf-hub:<repo id>): encoder and decoder
     # weights; the model's shape keys must match it (mae.hf.init_from_hf says which do not)

@@ -16,7 +16,7 @@ import random
 import re
 import shlex
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +40,14 @@ class SourceError(ValueError):
     """A problem with the command's input or output folder (the CLI exits 2 on it)."""
 
 
+# The loader workers of the default pretraining (``DataConfig().num_workers``, which a test
+# checks this against), written here so that the shard tools never load torch.
+DEFAULT_READERS = 2
+
+
 @dataclass(frozen=True)
 class SourceImage:
-    path: Path
+    path: str  # plain strings, not Paths: a folder of 50,000 small images is scanned in the parent
     rel: str  # posix path relative to SRC: stable across machines, used in reports
     label: int | None
 
@@ -70,13 +75,16 @@ def _is_image(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
 
 
-def _images_below(folder: Path) -> list[Path]:
-    """Image files below ``folder`` in a stable (sorted) order; hidden entries are left out
-    because they are editor and OS litter (``.DS_Store``, ``._x.jpg``), not data."""
+def _images_below(folder: Path) -> list[str]:
+    """Image files below ``folder``, as posix paths relative to it, in a stable (sorted) order;
+    hidden entries are left out because they are editor and OS litter (``.DS_Store``,
+    ``._x.jpg``), not data."""
     found = []
+    top = len(str(folder)) + 1
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root, f) for f in sorted(files) if not f.startswith(".") and _is_image(f)]
+        below = Path(root[top:]).as_posix() + "/" if len(root) >= top else ""
+        found += [below + f for f in sorted(files) if not f.startswith(".") and _is_image(f)]
     return found
 
 
@@ -99,7 +107,7 @@ def scan_source(src: Path, labelled: bool | None) -> tuple[list[SourceImage], li
     if labelled is None:
         labelled = detect_labelled(src)
     if not labelled:
-        images = [SourceImage(p, p.relative_to(src).as_posix(), None) for p in _images_below(src)]
+        images = [SourceImage(os.path.join(src, rel), rel, None) for rel in _images_below(src)]
         if not images:
             raise SourceError(f"source folder {src} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return images, None
@@ -118,7 +126,7 @@ def scan_source(src: Path, labelled: bool | None) -> tuple[list[SourceImage], li
         found = _images_below(src / name)
         if not found:
             raise SourceError(f"class folder {src / name} holds no image files")
-        images += [SourceImage(p, p.relative_to(src).as_posix(), label) for p in found]
+        images += [SourceImage(os.path.join(src, name, rel), f"{name}/{rel}", label) for rel in found]
     return images, classes
 
 
@@ -133,10 +141,27 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+_HEADER = _tar_info("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+_CHECKSUM = slice(148, 156)  # the header's checksum field; name is [0, 100), size [124, 136)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The USTAR header ``tarfile`` writes for ``_tar_info(name, size)``, byte for byte, from a
+    template: ``tarfile.addfile`` costs more per member than the build's decoding of a small
+    image, and the parent writes every member."""
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"member name {name!r} is longer than a USTAR name field")
+    header = encoded.ljust(100, b"\0") + _HEADER[100:124] + b"%011o\0" % size + _HEADER[136:148] + b" " * 8 + _HEADER[156:]
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+
 class _ShardWriter:
     """Writes numbered shards, each under a temporary name until it is complete.
 
     A reader (or a crashed build) therefore never sees a ``.tar`` that is half written.
+    Members are written as ``tarfile`` would write them (``member_header``, data, zero
+    padding to whole blocks; the end marker and record padding on close).
     """
 
     def __init__(self, out: Path, prefix: str, samples_per_shard: int, bytes_per_shard: int,
@@ -147,7 +172,6 @@ class _ShardWriter:
         self.on_close = on_close  # called with the position of the first image not in a finished shard
         self._next = 0
         self._file: BinaryIO | None = None
-        self._tar: tarfile.TarFile | None = None
         self._shard: AtomicFile | None = None
         self._samples = 0
         self._bytes = 0
@@ -161,15 +185,16 @@ class _ShardWriter:
         size = sum(member_bytes(len(data)) for _, data in members)
         # Start a new shard rather than overshoot the byte limit; a sample larger than
         # the limit still gets a shard of its own.
-        if self._tar is not None and tar_size(self._bytes + size) > self.bytes_per_shard:
+        if self._file is not None and tar_size(self._bytes + size) > self.bytes_per_shard:
             self._next = position
             self.close_shard()
-        if self._tar is None:
+        if self._file is None:
             self._shard = AtomicFile(self._final)
             self._file = open(self._shard.tmp, "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         for ext, data in members:
-            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            self._file.write(member_header(f"{key}.{ext}", len(data)))
+            self._file.write(data)
+            self._file.write(bytes(-len(data) % BLOCK))
         self._samples += 1
         self._bytes += size
         self._next = position + 1
@@ -177,12 +202,12 @@ class _ShardWriter:
             self.close_shard()
 
     def close_shard(self) -> None:
-        if self._tar is None or self._file is None:
+        if self._file is None:
             return
-        self._tar.close()
+        self._file.write(bytes(tar_size(self._bytes) - self._bytes))  # end marker, padded to whole records
         self._file.close()
-        self.entries.append(ShardEntry(self._shard.commit().name, self._samples))
-        self._tar = self._file = self._shard = None
+        self.entries.append(ShardEntry(self._shard.commit().name, self._samples))  # synced, then named
+        self._file = self._shard = None
         self._samples = self._bytes = 0
         if self.on_close is not None:
             self.on_close(self._next)
@@ -192,7 +217,7 @@ class _ShardWriter:
         if self._file is not None:
             self._file.close()
             self._shard.discard()
-        self._tar = self._file = self._shard = None
+        self._file = self._shard = None
 
 
 def _prepare_out(out: Path, prefix: str) -> None:
@@ -220,23 +245,19 @@ def _select(images: list[SourceImage], shuffle: bool, seed: int) -> list[SourceI
 def default_samples_per_shard(samples: int) -> int:
     """``SAMPLES_PER_SHARD``, or fewer for a small folder, so that each loader worker of the
     default pretraining (one process, ``data.num_workers`` workers) gets a shard of its own."""
-    from mae.data.loader import DataConfig  # imported here: torch is slow to load for --help
-
-    readers = max(1, DataConfig().num_workers)
-    return max(1, min(SAMPLES_PER_SHARD, -(-samples // readers)))
+    return max(1, min(SAMPLES_PER_SHARD, -(-samples // DEFAULT_READERS)))
 
 
-def _stored(task: tuple[SourceImage, int | None]) -> tuple[str, bytes] | str:
-    """One image as it goes into a shard, (extension, bytes), or why it is skipped. Runs in
-    the build's worker processes: reading and decoding are the work that parallelises."""
-    image, max_side = task
+def _stored(path: str, max_side: int | None) -> tuple[str, bytes] | str:
+    """One image as it goes into a shard, (extension, bytes), or why it is skipped."""
     try:
-        data = image.path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
         img = decode_rgb(data)
     except (OSError, UndecodableImage) as err:
         return _reason(err)
     if max_side is None or max(img.size) <= max_side:
-        return image.path.suffix[1:].lower(), data  # stored untouched
+        return path.rsplit(".", 1)[-1].lower(), data  # stored untouched
     scale = max_side / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     buf = io.BytesIO()
@@ -244,20 +265,46 @@ def _stored(task: tuple[SourceImage, int | None]) -> tuple[str, bytes] | str:
     return "jpg", buf.getvalue()
 
 
+def _stored_batch(task: tuple[list[str], int | None]) -> list[tuple[str, bytes] | str]:
+    """``_stored`` of a batch of paths. Runs in the build's worker processes: reading and
+    decoding are the work that parallelises, and a batch per message keeps the parent's
+    share (sending paths, receiving bytes) small on folders of small images."""
+    paths, max_side = task
+    return [_stored(path, max_side) for path in paths]
+
+
 def _in_order(order: list[SourceImage], start: int, workers: int, max_side: int | None,
               wanted: Callable[[SourceImage], bool]) -> Iterator[tuple[int, SourceImage, tuple[str, bytes] | str]]:  # fmt: skip
     """(position, image, stored) from ``start`` on, in build order whatever the worker count,
-    so the shards are byte-identical. Images come in windows so that ``wanted`` (classes
-    already full under --max-per-class) spares the workers most needless decoding."""
+    so the shards are byte-identical. Images go out in windows, so that ``wanted`` (classes
+    already full under --max-per-class) spares the workers most needless decoding and at most
+    two windows of image bytes wait in memory; the next window is handed out before the
+    current one is read, so the workers never wait for the parent. A window goes out in
+    batches, about 8 per worker, so large photos still spread evenly; without workers, image
+    by image."""
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     window = 128 * workers
-    try:
-        for begin in range(start, len(order), window):
-            chosen = [p for p in range(begin, min(len(order), begin + window)) if wanted(order[p])]
-            tasks = [(order[p], max_side) for p in chosen]
-            results = pool.imap(_stored, tasks, chunksize=4) if pool is not None else map(_stored, tasks)
-            for position, result in zip(chosen, results):
+
+    def hand_out(begin: int) -> tuple[list[list[int]], Iterator[list[tuple[str, bytes] | str]]]:
+        chosen = [p for p in range(begin, min(len(order), begin + window)) if wanted(order[p])]
+        size = max(1, len(chosen) // (8 * workers)) if pool is not None else 1  # alone, nothing to send
+        batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+        tasks = [([order[p].path for p in batch], max_side) for batch in batches]
+        return batches, pool.imap(_stored_batch, tasks) if pool is not None else map(_stored_batch, tasks)
+
+    def read(batches: list[list[int]], results: Iterator[list[tuple[str, bytes] | str]]) -> Iterator[tuple[int, SourceImage, tuple[str, bytes] | str]]:  # fmt: skip
+        for batch, stored in zip(batches, results):
+            for position, result in zip(batch, stored):
                 yield position, order[position], result
+
+    try:
+        queued: deque = deque()
+        for begin in range(start, len(order), window):
+            queued.append(hand_out(begin))
+            if len(queued) == 2:
+                yield from read(*queued.popleft())
+        while queued:
+            yield from read(*queued.popleft())
     finally:
         if pool is not None:
             pool.terminate()

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from mae.config import ConfigError, load_config, parse_overrides
+from mae.finetune import FinetuneConfig
+from mae.linprobe import LinprobeConfig
 from mae.pretrain import PretrainConfig
 from pipelines.stages import STAGES
 
@@ -160,3 +162,20 @@ def test_mixed_precision_no_on_the_command_line_is_the_string_no():
     from mae.pretrain import PretrainConfig
 
     assert load_config(PretrainConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, LinprobeConfig, FinetuneConfig])
+def test_default_warmup_shrinks_with_fewer_epochs_and_stays_at_the_defaults(cls):
+    """A user who sets only ``epochs`` gets a warm-up that fits; the default run keeps its own."""
+    default = load_config(cls)
+    assert default.warmup() == cls.DEFAULT_WARMUP  # the default run is unchanged
+    assert load_config(cls, overrides=[f"epochs={default.epochs * 3}"]).warmup() == cls.DEFAULT_WARMUP
+    short = load_config(cls, overrides=["epochs=2"])
+    assert 0 < short.warmup() < 2 and short.warmup() == pytest.approx(cls.DEFAULT_WARMUP * 2 / default.epochs)
+    assert load_config(cls, overrides=["epochs=2", "warmup_epochs=2"]).warmup() == 2.0  # explicit wins
+
+
+def test_explicit_warmup_longer_than_the_run_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"warmup_epochs=3 is outside \[0, epochs=2\]: set warmup_epochs to at most 2") as err:
+        load_config(PretrainConfig, overrides=["epochs=2", "warmup_epochs=3"])
+    assert "\n" not in str(err.value)

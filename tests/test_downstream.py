@@ -178,6 +178,16 @@ def test_probe_and_knn_beat_chance(pretrained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_short_probe_without_a_warmup_setting_runs(pretrained_run, tmp_path):
+    """``epochs=2`` alone: the default warm-up (10 of 90 epochs) shrinks to fit instead of stopping the stage."""
+    out = tmp_path / "lp2"
+    stage("linprobe", out, f"pretrained={pretrained_run}", "epochs=2", "knn=false")
+    assert "top1" in json.loads((out / "results.json").read_text())
+    lrs = [m["lr"] for m in read_metrics(out) if "lr" in m]
+    assert lrs[-1] < max(lrs)  # warmed up, then decayed within the 2 epochs
+
+
+@pytest.mark.slow
 def test_cached_feature_probe_equals_the_probe_on_the_fly(pretrained_run, tmp_path):
     """Without augmentation and shuffling, training on stored features gives the same head as encoding each step."""
     common = [f"pretrained={pretrained_run}", "epochs=2", "warmup_epochs=1", "batch_size=100", "augment=false", "data.shuffle=false",

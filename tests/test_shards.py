@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -96,9 +97,10 @@ def test_small_folder_gets_a_shard_per_default_reader_and_the_pretraining_comman
 
     from mae.data.loader import DataConfig
     from mae.data.shards import expand_shards
-    from shards.build import default_samples_per_shard
+    from shards.build import DEFAULT_READERS, default_samples_per_shard
 
     readers = DataConfig().num_workers
+    assert DEFAULT_READERS == readers  # the shard tools' copy, kept so that they never load torch
     assert [default_samples_per_shard(n) for n in (1, 75, 1999, 2000, 100_000)] == [1, 38, 1000, 1000, 1000]
     out = tmp_path / "out"
     assert main(["build", str(image_tree.root), str(out)]) == 0
@@ -246,6 +248,45 @@ def test_output_is_byte_identical_whatever_the_worker_count(image_tree: ImageTre
                      max_side=max_side, source="test")  # fmt: skip
         outputs.append(folder_bytes(tmp_path / f"w{workers}"))
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize(("name", "size"), [("000000.jpg", 0), ("000123.cls", 1), ("0012345678.jpeg", 10**9),
+                                           ("x" * 100, 511)])  # fmt: skip
+def test_member_header_is_the_one_tarfile_writes(name: str, size: int) -> None:
+    from shards.build import _tar_info, member_header
+
+    assert member_header(name, size) == _tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_shard_tools_start_without_the_model_libraries() -> None:
+    """``python -m shards`` loads neither timm nor torch (seconds of start-up), while
+    ``import mae`` still registers the vit_ff models with timm once timm is imported."""
+    probe = ("import sys, shards.__main__, shards.build, shards.verify, mae; "
+             "print(sorted(m for m in ('timm', 'torch') if m in sys.modules)); "
+             "import timm; print('vit_ff_tiny_patch16_224' in timm.list_models('vit_ff*'))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["[]", "True"], proc.stderr[-2000:]
+
+
+def test_many_small_images_are_byte_identical_across_windows_and_workers(tmp_path: Path) -> None:
+    """600 tiny JPEGs: several windows of batches in flight at once, with --max-per-class
+    filtering them, give the same shards for 1 and 2 workers, with exactly N per class."""
+    from PIL import Image
+
+    rng = random.Random(0)
+    for label in ("a", "b"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(300):
+            img = Image.new("RGB", (8, 8), tuple(rng.randrange(256) for _ in range(3)))
+            img.save(tmp_path / "src" / label / f"{i:03d}.jpg", format="JPEG")
+    outputs = []
+    for workers in (1, 2):
+        index = build_shards(tmp_path / "src", tmp_path / f"w{workers}", samples_per_shard=97, max_per_class=250,
+                             workers=workers, source="test")  # fmt: skip
+        assert index.total == 500
+        outputs.append(folder_bytes(tmp_path / f"w{workers}"))
+    assert outputs[0] == outputs[1]
+    assert Counter(s["cls"] for s in read_back(tmp_path / "w2")) == {b"0": 250, b"1": 250}
 
 
 def test_max_side_resizes_only_larger_images_to_jpeg_95(image_tree: ImageTree, tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ serves one process, many processes and tests.
 from __future__ import annotations
 
 import random
-import re
 import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
