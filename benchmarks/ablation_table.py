@@ -1,128 +1,154 @@
-"""Writes the ablation table of ``benchmarks/ablations_cifar10.sh`` into a Markdown file.
+"""Writes the table of ``benchmarks/ablations_cifar10.py`` into BENCHMARKS.md from its JSON.
 
-Usage: python benchmarks/ablation_table.py OUT TABLE.md --data DATA
-Reads OUT/<arm>/{pt,lp_cls,lp_avg,ft} and OUT/runs.tsv; replaces the section between the
-ablation markers in TABLE.md (appends it the first time). The commands are written with the
-placeholders OUT and DATA in place of this machine's folders, so a reader can paste them.
+    python benchmarks/ablation_table.py [--results JSON] [--table BENCHMARKS.md] [--steps N]
+
+Replaces the section between the ablation markers (appends it the first time). Numbers are
+mean ± sample standard deviation where an arm has several seeds; the commands name the
+data and work folders DATA and OUT, never this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
-import subprocess
+import statistics
 from pathlib import Path
+from typing import Any
 
 from mae.files import write_atomic
 
+ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
-
-# (block, arm, what it is); the baseline row appears in every block it belongs to
+METRICS = [("knn_cls", "k-NN cls"), ("knn_avg", "k-NN avg"), ("linear_cls", "linear cls"), ("linear_avg", "linear avg")]
+HEADLINE = ("attention", "feedforward")
+# (block, arm, what it is); "attention" is the recipe's row in every block it belongs to
 ROWS = [
-    ("encoder", "baseline", "attention, MAE-pretrained"),
-    ("encoder", "feedforward", "feed-forward, MAE-pretrained"),
-    ("encoder", "scratch", "attention, random init / fine-tuned from scratch"),
-    ("encoder", "scratch_ff", "feed-forward, random init / fine-tuned from scratch"),
-    ("mask sampling (75%)", "baseline", "random"),
-    ("mask sampling (75%)", "block", "block-wise (BEiT)"),
-    ("mask sampling (75%)", "grid", "grid (one patch per 2x2 cell)"),
-    ("mask ratio", "ratio0.5", "0.5"),
-    ("mask ratio", "baseline", "0.75"),
-    ("mask ratio", "ratio0.9", "0.9"),
-    ("position table", "baseline", "sin-cos 2-D"),
-    ("position table", "sincos1d", "sin-cos 1-D (patch index)"),
-    ("position table", "learned", "learned"),
-    ("position table", "nopos", "none"),
+    ("headline", "attention", "attention, MAE-pretrained"),
+    ("headline", "feedforward", "feed-forward, MAE-pretrained"),
+    ("floor", "random-attention", "attention, random initialisation"),
+    ("floor", "random-feedforward", "feed-forward, random initialisation"),
+    ("supervised", "supervised-attention", "attention, trained from scratch with labels"),
+    ("supervised", "supervised-feedforward", "feed-forward, trained from scratch with labels"),
+    ("equal minutes", "equal-minutes-attention", "attention"),
+    ("equal minutes", "equal-minutes-feedforward", "feed-forward"),
+    ("mask sampling (75%)", "attention", "random"),
+    ("mask sampling (75%)", "mask-block", "block-wise (BEiT)"),
+    ("mask sampling (75%)", "mask-grid", "grid (one patch per 2x2 cell)"),
+    ("mask ratio", "ratio-0.5", "0.5"),
+    ("mask ratio", "attention", "0.75"),
+    ("mask ratio", "ratio-0.9", "0.9"),
+    ("position table", "attention", "sin-cos 2-D"),
+    ("position table", "pos-sincos1d", "sin-cos 1-D (patch index)"),
+    ("position table", "pos-learned", "learned"),
+    ("position table", "pos-none", "none"),
+    ("decoder depth", "decoder-1", "1 block"),
+    ("decoder depth", "attention", "2 blocks"),
+    ("decoder depth", "decoder-4", "4 blocks"),
 ]
-COLUMNS = [("pt", "val_loss", "pretrain val loss"), ("lp_cls", "knn_top1", "k-NN cls"), ("lp_avg", "knn_top1", "k-NN avg"),
-           ("lp_cls", "top1", "probe cls"), ("lp_avg", "top1", "probe avg"), ("ft", "top1", "fine-tune")]  # fmt: skip
 
 
-def measure(out: Path, arm: str, stage: str, key: str) -> float | None:
-    """One number of one run, None where the arm has no such stage."""
-    folder = out / arm / stage
-    if stage == "pt":
-        path = folder / "metrics.jsonl"
-        if not path.exists():
-            return None
-        losses = [m[key] for m in map(json.loads, path.read_text().splitlines()) if key in m]
-        return losses[-1] if losses else None
-    path = folder / "results.json"
-    return json.loads(path.read_text()).get(key) if path.exists() else None
+def by_arm(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in results:
+        out.setdefault(row["arm"], []).append(row)
+    return out
 
 
-def fmt(value: float | None, digits: int) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def runs(out: Path) -> list[list[str]]:
-    path = out / "runs.tsv"
-    return [line.split("\t", 3) for line in path.read_text().splitlines()] if path.exists() else []
+def cell(rows: list[dict[str, Any]], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return ""
+    mean, sd = mean_sd(values)
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
 
 
-def cpu() -> str:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(info.get("Flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{info.get('Model name', platform.processor()).strip()}, {info.get('CPU(s)', '?').strip()} cores, {' '.join(wanted)}"
+def spread(arms: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Per metric, the larger seed standard deviation of the two headline arms."""
+    out = {}
+    for key, _ in METRICS:
+        sds = [mean_sd([r[key] for r in arms.get(a, [])])[1] for a in HEADLINE if len(arms.get(a, [])) > 1]
+        if sds:
+            out[key] = max(sds)
+    return out
 
 
-def with_placeholders(command: str, folders: dict[str, str]) -> str:
-    """``command`` with each folder (as the script was given it) written as its placeholder,
-    wherever it starts a word or a ``key=`` value."""
-    for folder, name in sorted(folders.items(), key=lambda kv: len(kv[0]), reverse=True):
-        pattern = r"(^|[\s='\"])" + re.escape(folder.rstrip("/")) + r"(?=/|$|[\s'\"])"
-        command = re.sub(pattern, lambda m: m.group(1) + name, command)
-    return command
+def differences(arms: dict[str, list[dict[str, Any]]], sd: dict[str, float]) -> list[str]:
+    """Arms that differ from the attention arm's mean by more than twice the headline spread."""
+    if "attention" not in arms or not sd:
+        return []
+    ref = {k: statistics.fmean(r[k] for r in arms["attention"]) for k in sd}
+    out = []
+    for arm, rows in arms.items():
+        if arm == "attention" or arm.startswith(("random-", "supervised-")):
+            continue
+        beyond = []
+        for key, label in METRICS:
+            if key in sd:
+                diff = statistics.fmean(r[key] for r in rows) - ref[key]
+                if abs(diff) > 2 * sd[key]:
+                    beyond.append(f"{label} {diff:+.2f}")
+        if beyond:
+            out.append(f"{arm} ({', '.join(beyond)})")
+    return out
 
 
-def section(out: Path, script: str, folders: dict[str, str]) -> str:
-    head = "| block | arm | " + " | ".join(c[2] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * 2 + "---:|" * len(COLUMNS)]
+def section(results: list[dict[str, Any]], steps: int | None) -> str:
+    arms = by_arm(results)
+    sd = spread(arms)
+    budget = steps or max((r["steps"] for r in arms.get("attention", [])), default=0)
+    head = "| block | arm | seeds | steps | minutes | " + " | ".join(label for _, label in METRICS) + " | classifier top-1 |"
+    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * (len(METRICS) + 1)]
     for block, arm, what in ROWS:
-        values = [fmt(measure(out, arm, s, k), 3 if s == "pt" else 2) for s, k, _ in COLUMNS]
-        name = f"**{what}**" if arm == "baseline" else what
-        lines.append(f"| {block} | {name} | " + " | ".join(values) + " |")
-    spread = []
-    for s, k, label in COLUMNS:
-        a, b = measure(out, "baseline", s, k), measure(out, "seed1", s, k)
-        if a is not None and b is not None:
-            spread.append(f"{label} {fmt(a, 3 if s == 'pt' else 2)} vs {fmt(b, 3 if s == 'pt' else 2)} "
-                          f"(|diff| {fmt(abs(a - b), 3 if s == 'pt' else 2)})")  # fmt: skip
-    timing = ["| arm | stage | wall time (s) |", "|---|---|---:|"] + [f"| {r[0]} | {r[1]} | {r[2]} |" for r in runs(out)]
-    commands = [with_placeholders(r[3], folders) for r in runs(out)]
-    total = sum(int(r[2]) for r in runs(out))
-    return "\n".join([
+        rows = arms.get(arm, [])
+        name = f"**{what}**" if arm == "attention" else what
+        steps_cell = "/".join(sorted({str(r["steps"]) for r in rows}))
+        lines.append(f"| {block} | {name} | {len(rows)} | {steps_cell} | {cell(rows, 'minutes')} | "
+                     + " | ".join(cell(rows, k) for k, _ in METRICS) + f" | {cell(rows, 'top1')} |")  # fmt: skip
+    lift = ""
+    if arms.get("attention") and arms.get("random-attention"):
+        gain = [statistics.fmean(r[k] for r in arms["attention"]) - arms["random-attention"][0][k] for k in ("knn_cls", "knn_avg")]
+        lift = (f"Pretraining lifts the attention encoder's k-NN above its random initialisation by {gain[0]:+.2f} (cls) "
+                f"and {gain[1]:+.2f} (avg) points; the table says something only from +8 on.")  # fmt: skip
+    times = next((r for r in arms.get("equal-minutes-feedforward", []) if "step_s_attention" in r), None)
+    equal = (f"Equal minutes: step times measured back to back in one run, {times['step_s_attention']:.3f} s "
+             f"(attention) and {times['step_s_feedforward']:.3f} s (feed-forward).") if times else ""  # fmt: skip
+    machines = sorted({r.get("machine", "?") for r in results})
+    seeds = sorted({r["seed"] for r in arms.get("attention", [])})
+    beyond = differences(arms, sd)
+    return "\n".join(x for x in [
         START,
-        "## Ablations on CIFAR-10: attention or not, mask sampling, mask ratio, position table",
+        "## Attention or not, and the other ablations, on CIFAR-10",
         "",
-        f"`{script}` (budget and recipe in the script's header, fixed before running; one seed",
-        "per arm). Accuracies are top-1 in percent on 2,500 CIFAR-10 test images; the baseline",
-        "(bold) is attention, random masks at 0.75, the 2-D sin-cos table. k-NN and probe",
-        "columns are on frozen features (cls token or average of patch tokens); fine-tune only",
-        "for the encoder block. From-scratch rows: the probe and k-NN of the randomly",
-        "initialised encoder, and fine-tuning from scratch.",
-        f"CPU: {cpu()}. Total wall time of the stages: {total / 60:.0f} min.",
+        f"Every pretrained arm: the recipe of `pipelines/configs/mae_vit_tiny_cifar10.yaml` on the 50,000",
+        f"training images of the CIFAR-10 shards for **{budget} optimiser steps of 64** (the budget, fixed",
+        "before the runs), changing one thing. Evaluation on the 10,000 test images: k-NN (k 20) and the",
+        "cached linear probe on frozen features, of the cls token and of the average of the patch tokens;",
+        f"top-1 in percent, mean ± standard deviation over seeds {', '.join(map(str, seeds)) or '-'} where an arm has several.",
+        "Minutes: the pretraining loop's (the fine-tune stage's for the supervised rows, trained for as",
+        "many images). The recipe's row (bold) is attention, random masks at 0.75, the 2-D sin-cos",
+        "table, a decoder of 2 blocks.",
+        f"CPU: {'; '.join(machines)}.",
         "",
         *lines,
         "",
-        "Seed-to-seed spread (baseline, seed 0 vs seed 1, pretraining and evaluation): "
-        + ("; ".join(spread) if spread else "not run") + ".",
-        "Differences between arms smaller than this spread say nothing.",
-        "",
-        "<details><summary>Wall time per stage and the commands</summary>",
-        "",
-        *timing,
+        lift,
+        equal,
+        "Headline seed spread (the larger standard deviation of the two headline arms): "
+        + (", ".join(f"{label} {sd[k]:.2f}" for k, label in METRICS if k in sd) or "not run")
+        + ". A difference counts only beyond twice that spread: "
+        + ("; ".join(beyond) if beyond else "none does") + ".",
         "",
         "```",
-        *commands,
+        f"python benchmarks/ablations_cifar10.py --data DATA --work OUT --steps {budget}",
+        "python benchmarks/ablation_table.py",
         "```",
-        "</details>",
+        "DATA is the CIFAR-10 shards, OUT a work folder.",
         END,
-    ])  # fmt: skip
+    ] if x is not None)  # fmt: skip
 
 
 def write(table: Path, text: str) -> None:
@@ -134,15 +160,15 @@ def write(table: Path, text: str) -> None:
     write_atomic(table, new)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="the script's OUT folder, as the script was given it")
-    parser.add_argument("table", type=Path, help="Markdown file to write the section into")
-    parser.add_argument("--data", default=None, help="the script's DATA folder, as the script was given it")
-    parser.add_argument("--script", default="bash benchmarks/ablations_cifar10.sh DATA OUT", help="the command, as shown")
-    args = parser.parse_args()
-    folders = {args.out: "OUT", **({args.data: "DATA"} if args.data else {})}
-    write(args.table, section(Path(args.out), args.script, folders))
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ablations_cifar10.json")
+    parser.add_argument("--table", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to write into")
+    parser.add_argument("--steps", type=int, help="the step budget, as shown (default: the attention arm's)")
+    args = parser.parse_args(argv)
+    if not args.results.exists():
+        parser.error(f"--results {args.results}: no such file; run benchmarks/ablations_cifar10.py first")
+    write(args.table, section(json.loads(args.results.read_text()), args.steps))
     print(f"wrote the ablation table to {args.table}")
 
 

@@ -209,7 +209,7 @@ class TokenNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_ids is None:
-            return super().forward(x)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # nn.LayerNorm's own
         x = F.layer_norm(x, x.shape[-1:], eps=self.eps)
         return x * self.weight[token_ids].unsqueeze(1) + self.bias[token_ids].unsqueeze(1)
 
@@ -220,7 +220,7 @@ class TokensIn(nn.Linear):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_ids is None:
-            return super().forward(x)
+            return F.linear(x, self.weight, self.bias)  # nn.Linear's own
         scale = torch.where(token_ids == 0, 1.0, (self.in_features - 1) / (token_ids.shape[1] - 1))  # [N, K]
         w = self.weight.t()[token_ids] * scale.unsqueeze(-1).to(x.dtype)  # [N, K, hidden]
         return torch.baddbmm(self.bias.to(x.dtype), x, w)  # [N, D, K] @ [N, K, hidden]
@@ -231,7 +231,7 @@ class TokensOut(nn.Linear):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_ids is None:
-            return super().forward(x)
+            return F.linear(x, self.weight, self.bias)  # nn.Linear's own
         w = self.weight[token_ids].transpose(1, 2)  # [N, hidden, K]
         return torch.baddbmm(self.bias[token_ids].unsqueeze(1).to(x.dtype), x, w)  # [N, D, K]
 
@@ -243,7 +243,9 @@ class PatchMlp(nn.Module):
     ``token_ids`` [N, K] (positions in the full sequence of ``num_tokens``, 0 the class
     token) runs it on a subset, with each layer's weights at those positions (the model
     docstring says why). Each layer does its own product, so DeepSpeed ZeRO-3, which
-    gathers a module's weights when that module is called, sees it.
+    gathers a module's weights when that module is called, sees it; on the full sequence
+    each calls ``F.layer_norm``/``F.linear`` itself, as its base class would, because
+    TorchScript cannot compile ``super().forward``.
     """
 
     def __init__(self, num_tokens: int, hidden_ratio: float = 4.0) -> None:
@@ -272,8 +274,15 @@ class FeedForwardBlock(nn.Module):
         self.patch_mlp = PatchMlp(num_tokens, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, T, D]: all ``num_tokens`` tokens, or the ones ``token_ids`` [N, T] names."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:  # fmt: skip
+        """x [N, T, D]: all ``num_tokens`` tokens, or the ones ``token_ids`` [N, T] names.
+        ``attn_mask`` and ``is_causal`` are the arguments timm's ``VisionTransformer`` gives
+        its blocks (FX tracing passes them as placeholders); a patch MLP mixes every token,
+        so there is nothing to mask: a real mask or ``is_causal=True`` is refused."""
+        if isinstance(attn_mask, torch.Tensor) or (isinstance(is_causal, bool) and is_causal):
+            raise ValueError("FeedForwardBlock: attn_mask/is_causal given, but a patch MLP has no attention to mask; "
+                             "drop them or use an attention ViT")  # fmt: skip
         x = x + self.drop_path(self.mlp(self.norm1(x)))
         return x + self.drop_path(self.patch_mlp(x, token_ids))
 

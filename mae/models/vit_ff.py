@@ -7,6 +7,10 @@ block the MAE encoder uses) as its block, so an MAE encoder with ``mixer=feedfor
 loads into it strictly. The patch MLP is tied to the number of tokens, which follows
 from ``img_size`` and ``patch_size``: give both to build it for another input, e.g.
 ``timm.create_model("vit_ff_tiny_patch16_224", img_size=32, patch_size=4)``.
+
+They pass timm's own model tests (tests/test_models.py of pytorch-image-models): forward,
+backward at the fixed input size, configs, ``forward_intermediates`` and ``features_only``,
+FX feature extraction and TorchScript.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from .mae_vit import FF_TIMM_NAMES, FeedForwardBlock
 
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads (heads unused: no attention)
 
-# No released weights: the configs give timm the input size, normalisation and layer names.
+# No released weights: the configs give timm the input size, normalisation and layer names; the
+# patch MLP ties a model to one token count, which timm's fixed_input_size says.
 default_cfgs = generate_default_cfgs({
     name: dict(num_classes=1000, input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
+               fixed_input_size=True, first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
     for name in FF_TIMM_NAMES.values()
 })  # fmt: skip
 
@@ -47,8 +52,10 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     grid = [i // p for i, p in zip(to_2tuple(kwargs.get("img_size", 224)), to_2tuple(kwargs["patch_size"]))]
     prefix = int(kwargs.get("class_token", True)) + kwargs.get("reg_tokens", 0)
     block_fn = ff_block_fn(grid[0] * grid[1] + prefix)
+    # features_only as timm's ViTs do it: the blocks' outputs through forward_intermediates
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
     return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                block_fn=block_fn, **kwargs)  # fmt: skip
+                                feature_cfg=feature_cfg, block_fn=block_fn, **kwargs)  # fmt: skip
 
 
 def _model_args(size: str, kwargs: dict[str, Any]) -> dict[str, Any]:
