@@ -123,7 +123,7 @@ def section(results: list[dict[str, Any]], steps: int | None) -> str:
         START,
         "## Attention or not, and the other ablations, on CIFAR-10",
         "",
-        f"Every pretrained arm: the recipe of `pipelines/configs/mae_vit_tiny_cifar10.yaml` on the 50,000",
+        "Every pretrained arm: the recipe of `pipelines/configs/mae_vit_tiny_cifar10.yaml` on the 50,000",
         f"training images of the CIFAR-10 shards for **{budget} optimiser steps of 64** (the budget, fixed",
         "before the runs), changing one thing. Evaluation on the 10,000 test images: k-NN (k 20) and the",
         "cached linear probe on frozen features, of the cls token and of the average of the patch tokens;",
