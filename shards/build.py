@@ -61,11 +61,6 @@ def shard_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"{re.escape(prefix)}-\d{{{SHARD_DIGITS}}}\.tar")
 
 
-def member_bytes(size: int) -> int:
-    """Bytes one member takes in a tar: a header block plus data padded to whole blocks."""
-    return BLOCK + -(-size // BLOCK) * BLOCK
-
-
 def tar_size(members_total: int) -> int:
     """Exact size of a closed tar whose members take ``members_total`` bytes."""
     return -(-(members_total + TAR_END) // RECORD) * RECORD
@@ -182,7 +177,9 @@ class _ShardWriter:
 
     def add(self, key: str, members: list[tuple[str, bytes]], position: int = 0) -> None:
         """Add a sample; ``position`` is its image's place in the build order."""
-        size = sum(member_bytes(len(data)) for _, data in members)
+        blob = b"".join(part for ext, data in members
+                        for part in (member_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)))  # fmt: skip
+        size = len(blob)  # a header block per member, data padded to whole blocks
         # Start a new shard rather than overshoot the byte limit; a sample larger than
         # the limit still gets a shard of its own.
         if self._file is not None and tar_size(self._bytes + size) > self.bytes_per_shard:
@@ -191,10 +188,7 @@ class _ShardWriter:
         if self._file is None:
             self._shard = AtomicFile(self._final)
             self._file = open(self._shard.tmp, "wb")
-        for ext, data in members:
-            self._file.write(member_header(f"{key}.{ext}", len(data)))
-            self._file.write(data)
-            self._file.write(bytes(-len(data) % BLOCK))
+        self._file.write(blob)  # one write a sample: on folders of small images the parent's share is the limit
         self._samples += 1
         self._bytes += size
         self._next = position + 1
@@ -414,6 +408,7 @@ def build_shards(
     def wanted(image: SourceImage) -> bool:
         return max_per_class is None or taken[image.label] < max_per_class
 
+    written = sum(taken.values())  # samples in the shards so far: the next sample's key
     try:
         for position, image, stored in _in_order(order, state["next"], workers, max_side, wanted):
             if not wanted(image):
@@ -425,8 +420,9 @@ def build_shards(
             if image.label is not None:
                 members.append(("cls", str(image.label).encode("ascii")))
             current.update(position=position, label=image.label)
-            writer.add(f"{sum(taken.values()):0{key_digits}d}", members, position)
+            writer.add(f"{written:0{key_digits}d}", members, position)
             taken[image.label] += 1
+            written += 1
             current["position"] = -1
         writer.close_shard()
     except BaseException:
