@@ -4,8 +4,9 @@ under ``max_minutes`` the clock's plan of the step count.
 A run bounded by the clock cannot know its step count up front, yet the cosine schedule must
 end at the last step. So the plan times the steps after a short warm-up (compilation, caches),
 fixes the step count that fits the budget at that pace, and fixes it again once, at about half
-the budget, from the pace of the steps since the first plan (which by then includes evaluations
-and the loader's epoch starts). A re-plan keeps the lr continuous: the cosine goes on from where it was, over
+the budget, from the pace of the steps since the first plan and the cost of the latest epoch
+end (evaluation, checkpoint, the loader's restart), counted at each epoch end still to come:
+those come in lumps, and a pace that spread them over the steps would misjudge the rest. A re-plan keeps the lr continuous: the cosine goes on from where it was, over
 the new remaining steps. The plan travels in checkpoints, so a resumed run keeps its schedule.
 """
 
@@ -42,6 +43,9 @@ class StepPlan:
         self._origin = now()
         self._first_step = 0  # this process's first step
         self._mark: tuple[int, float] | None = None  # (step, time) the pace is timed from
+        self._last = 0.0  # when the last step was observed
+        self._ends: tuple[float, int] = (0.0, 0)  # seconds and steps of epoch starts since the mark
+        self._epoch_end: float | None = None  # the latest epoch end's step time, end included
 
     # -- the schedule
 
@@ -89,11 +93,19 @@ class StepPlan:
         if self._mark is None:
             sync()  # whatever the device still had queued belongs to the untimed steps
             self._mark = (step, self._now())
+            self._last, self._ends = self._mark[1], (0.0, 0)
             return None
+        now = self._now()
+        took, self._last = now - self._last, now
+        if (step - 1) % self.steps_per_epoch == 0:
+            # the first step of an epoch: its time holds the last one's end (evaluation,
+            # checkpoint, the loader's restart), which comes in lumps, not per step
+            self._ends = (self._ends[0] + took, self._ends[1] + 1)
+            self._epoch_end = took
         if not may_decide:
             return None
         mark_step, mark_time = self._mark
-        timed, seconds = step - mark_step, self._now() - mark_time
+        timed, seconds = step - mark_step, now - mark_time
         if self.plans == 0:
             # long enough for the loader's prefetched batches to run out: a loader-bound run is
             # fast only while they last, and a plan from that pace would outrun the budget
@@ -105,17 +117,27 @@ class StepPlan:
         if not any_rank(ready):
             return None
         sync()
-        per_step = max(slowest((self._now() - mark_time) / timed), 1e-9)
-        fits = step + int(max(0.0, self.budget_s - self.elapsed()) / per_step)
+        ends_s, ends = self._ends
+        per_step = max(slowest((self._now() - mark_time - ends_s) / max(1, timed - ends)), 1e-9)
+        end_cost = slowest(max(0.0, self._epoch_end - per_step) if self._epoch_end is not None else 0.0)
+        fits = step + self._steps_that_fit(step, self.budget_s - self.elapsed(), per_step, end_cost)
         previous = self.total_steps
         self._reschedule(step, max(step, min(self.cap, fits)))
         self.plans += 1
-        self._mark = (step, self._now())  # the re-plan times the steps since this plan: the recent pace
+        self._mark, self._ends = (step, self._now()), (0.0, 0)  # the re-plan times the steps since this plan
         what = "planned" if self.plans == 1 else "re-planned at half the budget"
         return (f"max_minutes={self.budget_s / 60:g}: {per_step:.3f} s per step over steps {mark_step + 1}-{step} -> "
                 f"{self.total_steps} optimiser steps {what} ({self.total_steps / self.steps_per_epoch:.1f} epochs"
                 + (", capped by epochs/max_steps" if self.total_steps == self.cap else "")
                 + (f"; was {previous}" if self.plans == 2 else "") + ")")  # fmt: skip
+
+    def _steps_that_fit(self, step: int, seconds: float, per_step: float, end_cost: float) -> int:
+        """Steps after ``step`` that fit in ``seconds``, with ``end_cost`` at each epoch end they cross."""
+        n = int(max(0.0, seconds) / per_step)
+        for _ in range(4):  # the epoch ends crossed depend on n: a few rounds settle it
+            ends = (step + n - 1) // self.steps_per_epoch - (step - 1) // self.steps_per_epoch if n else 0
+            n = int(max(0.0, seconds - ends * end_cost) / per_step)
+        return n
 
     # -- checkpoints
 
