@@ -29,7 +29,7 @@ arm, seed, steps, minutes (the training loop's), knn_cls, knn_avg, linear_cls, l
 and the machine; runs already there are skipped, so the grid can be stopped and continued.
 Run it alone on the machine: the minutes are part of the table. A smoke run of the script
 (numbers meaningless): ``--data shards/cifar10 --steps 2 --timing-steps 12 --minutes 0.05
---set compile=false --results /tmp/abl.json``.
+--set compile=false --results OUT/abl.json``.
 """
 
 from __future__ import annotations
