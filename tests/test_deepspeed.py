@@ -17,7 +17,8 @@ from mae.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["data.train=shards/cifar10/test-{000000..000003}.tar", "data.val=shards/cifar10/test-000000.tar",
-       "batch_size=16", "model_overrides.depth=2", "progress=false", "log_every=1", "num_vis=2"]  # fmt: skip
+       "batch_size=16", "model_overrides.depth=2", "progress=false", "log_every=1", "num_vis=2",
+       "warmup_epochs=1"]  # an epoch of warm-up whatever `epochs` says: the lr of a 1-epoch run and its resume at 2 agree  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
