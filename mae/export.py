@@ -11,13 +11,13 @@ from typing import Any
 import timm
 import yaml
 
-from .checkpoint import find_latest, load_plain
+from .checkpoint import load_plain
 from .config import ConfigError
 from .hf import save_hf
 from .metrics import read_metrics
 from .models.mae_vit import MaskedAutoencoderViT
 from .pretrain import save_encoder
-from .sources import ENCODER_FILE, SourceError, load_source
+from .sources import ENCODER_FILE, SourceError, load_source, resolve_source
 
 FORMATS = ("hf", "hf-encoder", "timm")
 CARD = "README.md"
@@ -69,11 +69,12 @@ def _timm_config(mae: MaskedAutoencoderViT, path: Path) -> Path:
 
 def run_record(source: str) -> dict[str, Any]:
     """What the source's run recorded: its config, step, images seen and last losses ({} when none)."""
-    path = Path(source)
-    ckpt = path if (path / "state.pt").is_file() else path.parent if (path.parent / "state.pt").is_file() else None
-    if ckpt is None and path.is_dir():
-        ckpt = find_latest(path)
-    if ckpt is None:
+    try:
+        resolved = resolve_source(source)  # the checkpoint a run folder means, by the one rule
+    except SourceError:
+        return {}
+    ckpt = resolved.weights_file.parent
+    if resolved.kind not in ("run", "checkpoint") or not (ckpt / "state.pt").is_file():
         return {}
     state = load_plain(ckpt / "state.pt")
     config, step = state.get("config", {}), int(state.get("step", 0))

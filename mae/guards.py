@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .collectives import sum_ranks
+
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -49,8 +51,7 @@ class NonFiniteGuard:
         """Before the backward of the step's last micro-batch (DeepSpeed steps inside it)."""
         found = (self.bad > 0).float()
         self.bad.zero_()
-        if self.acc.num_processes > 1:  # a device collective: no host wait on GPUs
-            found = self.acc.reduce(found, reduction="sum").clamp_(max=1.0)
+        found = sum_ranks(self.acc, found).clamp_(max=1.0)  # a device collective: no host wait on GPUs
         if not self.on_device:
             if found.item():
                 raise self._error(f"at epoch {epoch}, step {step}; stopping before the optimiser step")
