@@ -1,6 +1,6 @@
 """Does ``max_minutes`` keep its word? The CIFAR-10 recipe run for a few budgets, and for each:
-where the first plan and the re-plan put the end, where the training loop really ended
-against the budget, and the lr there.
+where the first plan, the re-plan at half the budget and the landing put the end, where the
+training loop really ended against the budget, and the lr there.
 
     python benchmarks/clock_budget.py --data DATA --minutes 3 10 --work OUT/clock --json OUT/clock.json
 
@@ -43,7 +43,8 @@ def run_budget(minutes: float, data: Path, work: Path, extra: list[str]) -> dict
     return {
         "minutes": minutes,
         "first_plan": plans[0][0] if plans else None,
-        "re_plan": next((n for n, kind in plans if kind == "re-planned"), None),
+        "re_plan": plans[1][0] if len(plans) > 1 else None,
+        "landing": plans[2][0] if len(plans) > 2 else None,
         "last_step": last["step"],
         "ended_by": "time" if "spent at step" in proc.stdout else "plan",
         "loop_s": last["elapsed_s"],

@@ -259,7 +259,7 @@ class Trainer:
         if plan.timed and plan.plans == 0:
             acc.print(f"max_minutes={cfg.max_minutes:g}: the step count is planned from the time of the steps after "
                       f"the first {StepPlan.WARM}: at least {StepPlan.TIMED} steps and 5% of the budget, at most 10%; "
-                      "and planned again once at half the budget")  # fmt: skip
+                      "planned again at half the budget, and once more with a tenth of it left")  # fmt: skip
         unseen = self.loader.unseen_per_epoch(0)
         if unseen:
             acc.print(f"warning: shards split unevenly across {self.world} ranks; about {unseen} samples "

@@ -3,11 +3,17 @@ under ``max_minutes`` the clock's plan of the step count.
 
 A run bounded by the clock cannot know its step count up front, yet the cosine schedule must
 end at the last step. So the plan times the steps after a short warm-up (compilation, caches),
-fixes the step count that fits the budget at that pace, and fixes it again once, at about half
-the budget, from the pace of the steps since the first plan and the cost of the latest epoch
-end (evaluation, checkpoint, the loader's restart), counted at each epoch end still to come:
-those come in lumps, and a pace that spread them over the steps would misjudge the rest. A re-plan keeps the lr continuous: the cosine goes on from where it was, over
-the new remaining steps. The plan travels in checkpoints, so a resumed run keeps its schedule.
+fixes the step count that fits the budget at that pace, and fixes it again at about half the
+budget, from the pace of the steps since the first plan and the cost of the latest epoch end
+(evaluation, checkpoint, the loader's restart), counted at each epoch end still to come: those
+come in lumps, and a pace that spread them over the steps would misjudge the rest.
+
+A pace measured over half the budget still drifts by several percent over the other half on a
+shared machine (BENCHMARKS.md, "The clock keeps its word"), so one last correction lands the
+run: when a tenth of the budget is left (or the plan would end within a tenth), the step count
+is fitted once more from the pace since the re-plan. Each re-plan keeps the lr continuous: the
+cosine goes on from where it was, over the new remaining steps. The plan travels in
+checkpoints, so a resumed run keeps its schedule.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class StepPlan:
     """
 
     WARM, TIMED = 10, 40  # steps not timed (compilation, caches), then at least this many timed to plan
+    LANDING_MARGIN = 0.005  # of the budget, left unplanned by the landing
 
     def __init__(self, *, steps_per_epoch: int, cap: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0,
                  max_minutes: float | None = None, now: Now = time.perf_counter) -> None:  # fmt: skip
@@ -37,7 +44,7 @@ class StepPlan:
         self.base_lr, self.min_lr = base_lr, min_lr
         self.budget_s = None if max_minutes is None else max_minutes * 60.0
         self.anchor: tuple[int, float] | None = None  # (step, cosine progress) where the cosine was re-planned
-        self.plans = 0  # clock plans made: 0, 1 (after the first timed steps), 2 (the re-plan at half the budget)
+        self.plans = 0  # clock plans made: 1 after the first timed steps, 2 at half the budget, 3 the landing
         self._now = now
         self._before = 0.0  # seconds spent by earlier processes of this run
         self._origin = now()
@@ -66,7 +73,7 @@ class StepPlan:
     @property
     def timed(self) -> bool:
         """Whether the step count still waits on the clock."""
-        return self.budget_s is not None and self.plans < 2
+        return self.budget_s is not None and self.plans < 3
 
     def start(self, step: int) -> None:
         """The loop starts (or resumes) at ``step``: this process's clock starts now."""
@@ -110,26 +117,34 @@ class StepPlan:
             # long enough for the loader's prefetched batches to run out: a loader-bound run is
             # fast only while they last, and a plan from that pace would outrun the budget
             ready = seconds >= self.budget_s / 10 or (timed >= self.TIMED and seconds >= self.budget_s / 20)
-        else:
+        elif self.plans == 1:
             # at half the budget, from at least a fifth of it (evaluations come in lumps), which a
             # run resumed shortly before half must first spend
             ready = timed >= self.TIMED and self.elapsed() >= self.budget_s / 2 and seconds >= self.budget_s / 5
+        else:
+            # the landing: a tenth of the budget left, to its end or to the plan's, whichever
+            # comes first by the pace since the re-plan (the host's clock: a trigger, not a measure)
+            left = min(self.budget_s, self.elapsed() + (self.total_steps - step) * seconds / max(1, timed)) - self.elapsed()
+            ready = timed >= self.TIMED and seconds >= self.budget_s / 10 and left <= self.budget_s / 10
         if not any_rank(ready):
             return None
         sync()
         ends_s, ends = self._ends
         per_step = max(slowest((self._now() - mark_time - ends_s) / max(1, timed - ends)), 1e-9)
         end_cost = slowest(max(0.0, self._epoch_end - per_step) if self._epoch_end is not None else 0.0)
-        fits = step + self._steps_that_fit(step, self.budget_s - self.elapsed(), per_step, end_cost)
+        # the landing aims half a percent short of the budget: a step's jitter must not make the
+        # clock, rather than the plan, end the run with the lr short of its end value
+        margin = self.budget_s * self.LANDING_MARGIN if self.plans == 2 else 0.0
+        fits = step + self._steps_that_fit(step, self.budget_s - self.elapsed() - margin, per_step, end_cost)
         previous = self.total_steps
         self._reschedule(step, max(step, min(self.cap, fits)))
         self.plans += 1
         self._mark, self._ends = (step, self._now()), (0.0, 0)  # the re-plan times the steps since this plan
-        what = "planned" if self.plans == 1 else "re-planned at half the budget"
+        what = ("planned", "re-planned at half the budget", "re-planned to land on the budget")[self.plans - 1]
         return (f"max_minutes={self.budget_s / 60:g}: {per_step:.3f} s per step over steps {mark_step + 1}-{step} -> "
                 f"{self.total_steps} optimiser steps {what} ({self.total_steps / self.steps_per_epoch:.1f} epochs"
                 + (", capped by epochs/max_steps" if self.total_steps == self.cap else "")
-                + (f"; was {previous}" if self.plans == 2 else "") + ")")  # fmt: skip
+                + (f"; was {previous}" if self.plans > 1 else "") + ")")  # fmt: skip
 
     def _steps_that_fit(self, step: int, seconds: float, per_step: float, end_cost: float) -> int:
         """Steps after ``step`` that fit in ``seconds``, with ``end_cost`` at each epoch end they cross."""
@@ -144,7 +159,8 @@ class StepPlan:
     def state(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "steps_per_epoch": self.steps_per_epoch, "elapsed_s": self.elapsed(), "planned": self.plans > 0,
-                "plans": self.plans, "lr_anchor": list(self.anchor) if self.anchor else None}  # fmt: skip
+                "plans": self.plans, "lr_anchor": list(self.anchor) if self.anchor else None,
+                "epoch_end_s": self._epoch_end}  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
         """A resumed run spends what is left of the budget and keeps a plan made under the same
@@ -156,3 +172,4 @@ class StepPlan:
         self.total_steps = int(state["total_steps"])
         anchor = state.get("lr_anchor")
         self.anchor = (int(anchor[0]), float(anchor[1])) if anchor else None
+        self._epoch_end = state.get("epoch_end_s")  # a later plan may see no epoch end of its own before the next
