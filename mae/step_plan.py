@@ -147,12 +147,20 @@ class StepPlan:
                 + (f"; was {previous}" if self.plans > 1 else "") + ")")  # fmt: skip
 
     def _steps_that_fit(self, step: int, seconds: float, per_step: float, end_cost: float) -> int:
-        """Steps after ``step`` that fit in ``seconds``, with ``end_cost`` at each epoch end they cross."""
-        n = int(max(0.0, seconds) / per_step)
-        for _ in range(4):  # the epoch ends crossed depend on n: a few rounds settle it
-            ends = (step + n - 1) // self.steps_per_epoch - (step - 1) // self.steps_per_epoch if n else 0
-            n = int(max(0.0, seconds - ends * end_cost) / per_step)
-        return n
+        """Steps after ``step`` that fit in ``seconds``, with ``end_cost`` at each epoch end they
+        go past. An epoch end the run stops at costs the loop nothing (the last evaluation comes
+        after it), so when going past the next end does not pay, the plan stops there."""
+        n, left = 0, max(0.0, seconds)
+        spe, done = self.steps_per_epoch, step
+        while True:
+            if done > 0 and done % spe == 0:  # at an epoch end: going on costs the end first
+                if left - end_cost < per_step:
+                    return n
+                left -= end_cost
+            to_end = spe - done % spe
+            if left < to_end * per_step:
+                return n + int(left / per_step)
+            n, done, left = n + to_end, done + to_end, left - to_end * per_step
 
     # -- checkpoints
 

@@ -69,9 +69,9 @@ def test_a_pace_that_picks_up_leaves_no_budget_unused():
 
 
 def drifts(step: int) -> float:
-    """A pace that changes after the re-plan: 0.1 s a step, then 8% slower from step 280 on (a
-    neighbour on a shared machine), with an evaluation at each epoch end."""
-    return (0.1 if step < 280 else 0.108) + (0.0 if step == 0 or step % 100 else 2.0)
+    """A pace that changes after the re-plan: 0.1 s a step, then 8% slower from step 320 on (a
+    neighbour on a shared machine)."""
+    return 0.1 if step < 320 else 0.108
 
 
 def test_a_pace_that_drifts_after_the_re_plan_still_lands_on_the_budget():
@@ -162,3 +162,13 @@ def test_no_budget_no_plan():
     plan = StepPlan(steps_per_epoch=10, cap=40, warmup_steps=10, base_lr=1.0)
     assert not plan.timed and plan.observe(25) is None and plan.total_steps == 40
     assert [plan.lr(s) for s in (0, 5, 10, 40)] == [0.0, 0.5, 1.0, 0.0]
+
+
+def test_the_plan_stops_at_an_epoch_end_that_going_past_would_not_pay():
+    """Steps that fit, with 0.1 s a step and 5 s at each epoch end gone past (100 steps an epoch)."""
+    plan = make_plan(FakeClock())
+    assert plan._steps_that_fit(50, 6.0, 0.1, 5.0) == 50  # to the end (5 s); the 1 s after does not pay for it
+    assert plan._steps_that_fit(50, 12.0, 0.1, 5.0) == 70  # 50, the end, then 2 s of steps
+    assert plan._steps_that_fit(100, 4.0, 0.1, 5.0) == 0  # at an end with less than its cost left
+    assert plan._steps_that_fit(100, 7.0, 0.1, 5.0) == 20
+    assert plan._steps_that_fit(0, 25.0, 0.1, 5.0) == 200  # two epochs; a third would need 5 s more first
