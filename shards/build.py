@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from PIL import Image
 
@@ -351,12 +351,15 @@ class _Workers:
     def __init__(self, count: int) -> None:
         ctx = multiprocessing.get_context()
         self._tasks = ctx.Queue()  # sent by a feeder thread, so giving out tasks never blocks
-        pipes = [ctx.Pipe(duplex=False) for _ in range(count)]
-        self._processes = [ctx.Process(target=_work, args=(self._tasks, send), daemon=True) for _, send in pipes]
-        for process, (_, send) in zip(self._processes, pipes):
+        self._results: dict = {}  # the receiving end of each worker's pipe: its worker
+        for _ in range(count):
+            # A pipe made just before its worker starts, so that no other worker holds its
+            # sending end: when its worker dies, the pipe reads as ended.
+            receive, send = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_work, args=(self._tasks, send), daemon=True)
             process.start()
-            send.close()  # the worker's end
-        self._results = [receive for receive, _ in pipes]
+            send.close()
+            self._results[receive] = process
         self._given = 0
         self._arrived: dict[int, Batch | Exception] = {}
 
@@ -368,24 +371,32 @@ class _Workers:
 
     def result(self, number: int) -> Batch:
         while number not in self._arrived:
-            ready = wait([*self._results, *(p.sentinel for p in self._processes)])
-            readable = [conn for conn in self._results if conn in ready]
-            for conn in readable:
-                arrived, result = conn.recv()
-                self._arrived[arrived] = result
-            if not readable:
-                dead = next(p for p in self._processes if p.sentinel in ready)
-                raise RuntimeError(f"a shard build worker process died (exit code {dead.exitcode}); "
-                                   "if it ran out of memory, build with fewer --workers")  # fmt: skip
+            ready = wait([*self._results, *(process.sentinel for process in self._results.values())])
+            for conn, process in self._results.items():
+                if conn in ready:
+                    try:
+                        arrived, result = conn.recv()
+                    except (EOFError, OSError):  # the pipe ended, maybe mid-message: its worker died
+                        self._died(process)
+                    self._arrived[arrived] = result
+                elif process.sentinel in ready:  # ended with nothing left to read
+                    self._died(process)
         result = self._arrived.pop(number)
         if isinstance(result, Exception):
             raise result
         return result
 
+    @staticmethod
+    def _died(process: multiprocessing.Process) -> NoReturn:
+        process.join()  # it has ended: this reads its exit status
+        how = f"killed by signal {-process.exitcode}" if process.exitcode < 0 else f"exit code {process.exitcode}"
+        raise RuntimeError(f"a shard build worker process died ({how}); if it ran out of memory, "
+                           "build with fewer --workers")  # fmt: skip
+
     def stop(self) -> None:
-        for process in self._processes:
+        for process in self._results.values():
             process.terminate()
-        for process in self._processes:
+        for process in self._results.values():
             process.join()
         self._tasks.cancel_join_thread()  # tasks left unread are dropped, not waited for
         self._tasks.close()

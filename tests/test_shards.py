@@ -238,6 +238,40 @@ def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[byt
     assert folder_bytes(out) == folder_bytes(fresh)  # the resumed build is the uninterrupted one
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold a worker mid-way")
+def test_a_worker_that_dies_ends_the_build_with_a_line_naming_it(tmp_path: Path) -> None:
+    """Worker processes killed mid-build (as the OOM killer would) end the build with an error
+    saying so, rather than a build that waits forever; finished shards stay, the partial one goes."""
+    import multiprocessing
+    import signal
+    import threading
+
+    tiny_jpegs(tmp_path / "src", 20, seed=2)
+    os.mkfifo(tmp_path / "src" / "a" / "010-blocks.jpg")  # sorted right after 009.jpg: its reader waits
+    errors: list[str] = []
+
+    def build() -> None:
+        try:
+            build_shards(tmp_path / "src", tmp_path / "out", shuffle=False, samples_per_shard=5, workers=2)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    thread = threading.Thread(target=build, daemon=True)  # a build that hangs must not hang the tests
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out" / "train-000001.tar").exists():
+        assert thread.is_alive() and time.monotonic() < deadline, errors
+        time.sleep(0.05)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert errors == ["a shard build worker process died (killed by signal 9); if it ran out of memory, "
+                      "build with fewer --workers"]  # fmt: skip
+    assert [p.name for p in shard_files(tmp_path / "out")] == ["train-000000.tar", "train-000001.tar"]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
 def test_resume_with_other_settings_is_refused_naming_them(image_tree: ImageTree, tmp_path: Path) -> None:
     """A journal of another build's settings: --resume stops, naming what changed."""
     import json
