@@ -56,6 +56,19 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def tiny_jpegs(src: Path, per_class: int, seed: int) -> None:
+    """Classes ``a`` and ``b`` of ``per_class`` 8 x 8 JPEGs each, of random flat colours:
+    folders of small files, where the parent's share of a build counts most."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for label in ("a", "b"):
+        (src / label).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (8, 8), tuple(rng.randrange(256) for _ in range(3)))
+            img.save(src / label / f"{i:03d}.jpg", format="JPEG")
+
+
 def test_build_verify_and_read_back_with_webdataset(image_tree: ImageTree, tmp_path: Path) -> None:
     out = tmp_path / "out"
     index = build_shards(image_tree.root, out, samples_per_shard=16)
@@ -225,6 +238,40 @@ def test_killed_build_leaves_only_complete_shards(real_jpegs: dict[str, list[byt
     assert folder_bytes(out) == folder_bytes(fresh)  # the resumed build is the uninterrupted one
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold a worker mid-way")
+def test_a_worker_that_dies_ends_the_build_with_a_line_naming_it(tmp_path: Path) -> None:
+    """Worker processes killed mid-build (as the OOM killer would) end the build with an error
+    saying so, rather than a build that waits forever; finished shards stay, the partial one goes."""
+    import multiprocessing
+    import signal
+    import threading
+
+    tiny_jpegs(tmp_path / "src", 20, seed=2)
+    os.mkfifo(tmp_path / "src" / "a" / "010-blocks.jpg")  # sorted right after 009.jpg: its reader waits
+    errors: list[str] = []
+
+    def build() -> None:
+        try:
+            build_shards(tmp_path / "src", tmp_path / "out", shuffle=False, samples_per_shard=5, workers=2)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    thread = threading.Thread(target=build, daemon=True)  # a build that hangs must not hang the tests
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out" / "train-000001.tar").exists():
+        assert thread.is_alive() and time.monotonic() < deadline, errors
+        time.sleep(0.05)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert errors == ["a shard build worker process died (killed by signal 9); if it ran out of memory, "
+                      "build with fewer --workers"]  # fmt: skip
+    assert [p.name for p in shard_files(tmp_path / "out")] == ["train-000000.tar", "train-000001.tar"]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
 def test_resume_with_other_settings_is_refused_naming_them(image_tree: ImageTree, tmp_path: Path) -> None:
     """A journal of another build's settings: --resume stops, naming what changed."""
     import json
@@ -258,6 +305,35 @@ def test_member_header_is_the_one_tarfile_writes(name: str, size: int) -> None:
     assert member_header(name, size) == _tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
 
 
+def test_rekey_gives_the_bytes_of_a_sample_written_with_that_key() -> None:
+    """Workers key samples ahead of time; renaming one in the parent must leave exactly the
+    bytes the new key would have had from the start (names and checksums)."""
+    from shards.build import rekey, sample_members
+
+    members = [("jpeg", bytes(range(256)) * 3), ("cls", b"7")]
+    for old, new in [("000000", "049999"), ("999999", "000001"), ("0000123", "9876543")]:
+        assert rekey(b"".join(sample_members(old, members)), new.encode()) == b"".join(sample_members(new, members))
+
+
+def test_skips_in_flight_renumber_later_samples_identically(tmp_path: Path) -> None:
+    """Undecodable files at the start of the first batches: the samples the workers had keyed
+    after them take the next free keys, and 1 and 2 workers write the same shards."""
+    tiny_jpegs(tmp_path / "src", 200, seed=1)
+    for name in ("000-bad.jpg", "016-bad.jpg", "150-bad.jpg"):  # sorted before 000.jpg, 016.jpg, 150.jpg
+        (tmp_path / "src" / "a" / name).write_bytes(b"not a jpeg")
+    outputs = []
+    for workers in (1, 2):
+        index = build_shards(tmp_path / "src", tmp_path / f"w{workers}", samples_per_shard=64, shuffle=False,
+                             workers=workers, source="test")  # fmt: skip
+        assert index.total == 400 and [s["path"] for s in index.skipped] == ["a/000-bad.jpg", "a/016-bad.jpg",
+                                                                              "a/150-bad.jpg"]  # fmt: skip
+        outputs.append(folder_bytes(tmp_path / f"w{workers}"))
+    assert outputs[0] == outputs[1]
+    samples = read_back(tmp_path / "w2")
+    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(400)]
+    assert verify_shards(tmp_path / "w2") == []
+
+
 def test_shard_tools_start_without_the_model_libraries() -> None:
     """``python -m shards`` loads neither timm nor torch (seconds of start-up), while
     ``import mae`` still registers the vit_ff models with timm once timm is imported."""
@@ -271,14 +347,7 @@ def test_shard_tools_start_without_the_model_libraries() -> None:
 def test_many_small_images_are_byte_identical_across_windows_and_workers(tmp_path: Path) -> None:
     """600 tiny JPEGs: several windows of batches in flight at once, with --max-per-class
     filtering them, give the same shards for 1 and 2 workers, with exactly N per class."""
-    from PIL import Image
-
-    rng = random.Random(0)
-    for label in ("a", "b"):
-        (tmp_path / "src" / label).mkdir(parents=True)
-        for i in range(300):
-            img = Image.new("RGB", (8, 8), tuple(rng.randrange(256) for _ in range(3)))
-            img.save(tmp_path / "src" / label / f"{i:03d}.jpg", format="JPEG")
+    tiny_jpegs(tmp_path / "src", 300, seed=0)
     outputs = []
     for workers in (1, 2):
         index = build_shards(tmp_path / "src", tmp_path / f"w{workers}", samples_per_shard=97, max_per_class=250,
