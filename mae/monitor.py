@@ -44,9 +44,13 @@ class MonitorConfig:
     # "auto": the shipped sample's labelled shards (test, then train) when data.train is the
     # shipped sample, else off; "" off; or a shard spec as data.train takes it
     data: str = "auto"
-    every: float = 2  # epochs between runs (minutes under max_minutes); 0 turns it off. The last epoch always runs it
-    queries: int = 500
-    bank: int = 1500
+    # epochs between runs (minutes under max_minutes); 0 turns it off. The last epoch always runs
+    # it. Each run embeds queries + bank images with the whole encoder (no masking: 4x the tokens
+    # of a training forward): 1,000 cost about 4 s on 2 cores, so the 4-epoch default run pays
+    # for one, at its end (BENCHMARKS.md, "The k-NN monitor's cost")
+    every: float = 4
+    queries: int = 300
+    bank: int = 700
     batch_size: int = 250  # images per forward
     k: int = 20
     temperature: float = 0.07

@@ -110,6 +110,8 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         if keys[0][0] == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if keys[0][0] == "knn_cls" and drawn:  # percent: from 0, so that a single point reads as a level
+            ax.set_ylim(bottom=0, top=min(100.0, ax.get_ylim()[1] * 1.15))
         if keys[0][0] == "skipped":  # counts: from 0, whole numbers
             from matplotlib.ticker import MaxNLocator
 
