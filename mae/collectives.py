@@ -40,6 +40,15 @@ def max_ranks(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="max").item())
 
 
+def main_rank_says(accelerator: Any, flag: bool) -> bool:
+    """The main process's ``flag`` on every rank: for decisions from a clock, which differs across ranks."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([float(flag)], device=accelerator.device), from_process=0).item())
+
+
 def gather_all(tensor: torch.Tensor, accelerator: Any) -> torch.Tensor:
     """Every rank's rows, concatenated in rank order (row counts may differ across ranks)."""
     if accelerator.num_processes == 1:

@@ -37,6 +37,7 @@ from .metrics import MetricsLogger, describe_data_counts
 from .optim import scaled_lr
 from .precision import PRECISIONS
 from .step_plan import StepPlan
+from .summary import write_summary
 
 
 @dataclass
@@ -132,6 +133,12 @@ class Task:
 
     def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
         """On every rank, every ``eval_every`` epochs; the metrics returned are logged."""
+        return {}
+
+    def monitor(self, model: torch.nn.Module, epoch: int, elapsed_s: float, last: bool) -> dict[str, float]:
+        """On every rank at every epoch end, after ``evaluate``: a task's own watch of the run
+        (e.g. a k-NN of the features), which decides alike on every rank whether it is due.
+        ``last``: the run's last epoch. The metrics returned are logged."""
         return {}
 
     def extra_state(self) -> dict[str, torch.nn.Module]:
@@ -285,18 +292,21 @@ class Trainer:
                     acc.print(f"max_minutes={cfg.max_minutes:g} spent at step {self.step} of the {plan.total_steps} planned")
                 last_epoch = (self.step >= plan.total_steps or end.stop == "time"
                               or (not cfg.max_steps and epoch + 1 >= cfg.epochs))  # fmt: skip
-                if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
-                    evaluation = self.task.evaluate(self.model, epoch)
-                    if evaluation:
-                        metrics.log(self.step, epoch=epoch, **evaluation)
-                        last.update(evaluation)
-                        acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
+                evaluation = self.task.evaluate(self.model, epoch) if (epoch + 1) % cfg.eval_every == 0 or last_epoch else {}
+                evaluation.update(self.task.monitor(self.model, epoch, plan.elapsed(), last_epoch))
+                if evaluation:
+                    metrics.log(self.step, epoch=epoch, **evaluation)
+                    last.update(evaluation)
+                    acc.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
+                    if acc.is_main_process:
+                        write_summary(self.output_dir)
                 if (epoch + 1) % cfg.save_every == 0 or last_epoch:  # a cut epoch resumes where it was cut
                     self._save(epoch + 1, 0) if end.whole else self._save(epoch, end.steps)
                 epoch += 1
         weights = acc.get_state_dict(self.model)  # collective: complete even when ZeRO-3 shards it
         if acc.is_main_process:
             self.task.finish(acc.unwrap_model(self.model), self.output_dir, weights)
+            write_summary(self.output_dir)
         acc.wait_for_everyone()
         metrics.close()
         return FitResult(self.step, epoch, False, last)
@@ -393,6 +403,7 @@ class Trainer:
             "lr": lr,
             "images_per_sec": images / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": round(self.plan.elapsed(), 3),  # the loop's wall clock, carried across resumes
+            "images_seen": self.step * effective_batch(self.cfg, self.world),
         }
         metrics.log(self.step, **record)
         window.reset()

@@ -27,6 +27,7 @@ from .files import write_atomic
 from .guards import NonFiniteLoss
 from .metrics import MetricsLogger
 from .optim import lr_at
+from .summary import write_summary
 
 
 @dataclass
@@ -172,6 +173,7 @@ def fit_head_on_features(
     accelerator.print(f"cached probe: {len(train.features)} features x {cfg.epochs} epochs, {steps_per_epoch} steps "
                       f"of {batch} per epoch, lr {lr0:.3e}")  # fmt: skip
     loss_sum, seen, start, step = torch.zeros((), device=accelerator.device), 0, time.perf_counter(), 0
+    origin = start
     for epoch in range(cfg.epochs):
         features, labels = train.shuffled(epoch)
         for i in range(steps_per_epoch):
@@ -190,7 +192,8 @@ def fit_head_on_features(
                     raise NonFiniteLoss(f"loss is not finite in the cached probe at epoch {epoch}, step {step}; "
                                         "try a lower blr")  # fmt: skip
                 elapsed = time.perf_counter() - start
-                metrics.log(step, epoch=epoch, loss=mean, lr=lr, images_per_sec=seen * batch / elapsed, skipped=0)
+                metrics.log(step, epoch=epoch, loss=mean, lr=lr, images_per_sec=seen * batch / elapsed, skipped=0,
+                            elapsed_s=round(time.perf_counter() - origin, 3), images_seen=step * batch)  # fmt: skip
                 loss_sum.zero_()
                 seen, start = 0, time.perf_counter()
         if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -200,6 +203,7 @@ def fit_head_on_features(
             accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     if accelerator.is_main_process:
         task.finish(head, Path(cfg.output_dir), head.state_dict())
+        write_summary(cfg.output_dir)
     metrics.close()
     return FitResult(step, cfg.epochs, False, dict(task.results))
 

@@ -169,5 +169,12 @@ def describe_data_counts(record: dict[str, Any]) -> str:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``output_dir/metrics.jsonl``; a line still being written (a running run)
+    or cut by a kill is left out."""
+    records = []
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records

@@ -19,6 +19,7 @@ from .engine import FitResult, RunConfig, Task, Trainer
 from .files import write_atomic
 from .models.mae_vit import PRESETS, MaskedAutoencoderViT, encoder_only, model_config
 from .models.masking import check_sampling, mask_noise
+from .monitor import KnnMonitor, MonitorConfig, check_monitor, monitor_shards
 from .optim import adamw, param_groups
 from .sources import ENCODER_FILE
 from .visualize import reconstruct, save_reconstructions
@@ -42,6 +43,7 @@ class PretrainConfig(RunConfig):
     # start from a transformers ViTMAE (a local folder or hf-hub:<repo id>): encoder and decoder
     # weights; the model's shape keys must match it (mae.hf.init_from_hf says which do not)
     init_from: str = ""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # a k-NN of the encoder during the run (mae.monitor)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +56,7 @@ class PretrainConfig(RunConfig):
         except (TypeError, ValueError) as err:
             raise ValueError(f"model_overrides: {err}") from err
         check_sampling(self.mask_sampling, model.grid_size, self.mask_ratio)
+        check_monitor(self.monitor, self.max_minutes)
 
 
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
@@ -81,6 +84,10 @@ class PretrainTask(Task):
         self.cfg, self.acc, self.val = cfg, accelerator, val
         self._grid = model_config(asdict(cfg)).grid_size
         self._vis: torch.Tensor | None = None
+        self.knn: KnnMonitor | None = None
+        if monitor_shards(cfg.monitor, cfg.data):  # read and checked now: bad monitor data stops the run before it trains
+            self.knn = KnnMonitor(cfg, accelerator, model_config(asdict(cfg)).img_size)
+            accelerator.print(self.knn.describe())
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         images = batch["image"]
@@ -123,6 +130,11 @@ class PretrainTask(Task):
             save_reconstructions(pictures, Path(self.cfg.output_dir) / "reconstructions" / f"epoch-{epoch:04d}.png")
         net.train()
         return {"val_loss": total / max(1.0, count)}
+
+    def monitor(self, model: torch.nn.Module, epoch: int, elapsed_s: float, last: bool) -> dict[str, float]:
+        if self.knn is None or not self.knn.due(epoch, elapsed_s, last):
+            return {}
+        return self.knn(model)
 
     def finish(self, model: torch.nn.Module, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         save_encoder(model, output_dir / ENCODER_FILE, state_dict)

@@ -167,7 +167,7 @@ def save_position_similarity(similarity: torch.Tensor, path: str | Path, title: 
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("input patch column", fontsize=8)
     fig.supylabel("input patch row", fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mean_distance(per_depth: list[list[float]], uniform: float, path: str | Path, *, title: str,
@@ -190,10 +190,11 @@ def plot_mean_distance(per_depth: list[list[float]], uniform: float, path: str |
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=6, ncol=2 if heads > 6 else 1, loc="lower right")
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def _save_figure(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """A matplotlib figure as a PNG, written atomically (a reader never sees half a picture)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     buffer.seek(0)

@@ -70,5 +70,6 @@ STAGES: dict[str, Stage] = {
               run="mae.finetune:finetune"),
         Stage("analyze", "what an encoder learned (the ViT paper's Figure 7)", cli="pipelines.analyze"),
         Stage("reconstruct", "MAE reconstructions of image files", cli="pipelines.reconstruct"),
+        Stage("summary", "the one-page picture of runs, from their metrics", cli="pipelines.summary"),
     )
 }  # fmt: skip
