@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,7 +227,7 @@ def test_max_minutes_plans_the_schedule_and_resumes_on_it(tmp_path):
     the epoch. (The re-plan itself, and a resume across it, are covered on a fake clock in
     tests/test_step_plan.py.)"""
     from mae.checkpoint import load_plain
-    from mae.optim import lr_at
+    from mae.optim import cosine_progress, lr_at
 
     small = ["model_overrides.depth=1", "data.val=", "epochs=1000", "warmup_epochs=4",  # 64 steps: past the plan
              "data.train=shards/cifar10/test-{000000..000001}.tar"]  # 16 steps an epoch
@@ -259,15 +260,22 @@ def test_max_minutes_plans_the_schedule_and_resumes_on_it(tmp_path):
     elapsed = [m["elapsed_s"] for m in read_metrics(timed) if "loss" in m]
     assert elapsed == sorted(elapsed) and elapsed[-1] < 0.3 * 60 + 10  # carried across the resume
     # each line logs the rate its step used: the first plan's schedule up to the re-plan, then
-    # the rest of the same cosine over the re-planned total
-    anchor = tuple(final["lr_anchor"]) if final["lr_anchor"] else None
-    replanned_at = anchor[0] if anchor else last
+    # the rest of the same cosine over each re-planned total (at half the budget, then the landing)
     first = dict(base_lr=1.5e-3 * 32 / 256, warmup_steps=64, total_steps=planned)
-    then = dict(first, total_steps=final["total_steps"], anchor=anchor)
+    schedules = [(0, first)]
+    for step, total in re.findall(r"over steps \d+-(\d+) -> (\d+) optimiser steps re-planned", resumed.stdout):
+        step, total, now = int(step), int(total), schedules[-1][1]
+        if total != now["total_steps"] and step > now["warmup_steps"]:
+            schedules.append((step, dict(first, total_steps=total, anchor=(step, cosine_progress(step, **{
+                k: now[k] for k in ("warmup_steps", "total_steps")}, anchor=now.get("anchor"))))))  # fmt: skip
+    assert schedules[-1][1]["total_steps"] == final["total_steps"]
+    assert schedules[-1][1].get("anchor") == pytest.approx(tuple(final["lr_anchor"]) if final["lr_anchor"] else None)
+    replanned_at = schedules[1][0] if len(schedules) > 1 else last
     log = [m for m in read_metrics(timed) if "loss" in m]
     assert [m["lr"] for m in log] == pytest.approx(
-        [lr_at(m["step"] - 1, **(first if m["step"] - 1 < replanned_at else then)) for m in log], rel=1e-6)
-    if final["plans"] == 2:
+        [lr_at(m["step"] - 1, **next(sch for start, sch in reversed(schedules) if m["step"] - 1 >= start)) for m in log],
+        rel=1e-6)  # fmt: skip
+    if final["plans"] >= 2:
         assert "re-planned at half the budget" in resumed.stdout
 
     run(fixed, *small, f"max_steps={planned}")
