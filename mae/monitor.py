@@ -11,7 +11,6 @@ leaves the torch, CUDA, numpy and Python random streams as it found them.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from .data.loader import DataConfig
 from .data.shards import DataError, expand_shards, shard_classes
 from .data.steps import TarSamples
 from .data.transforms import eval_transform, to_model_input
-from .evaluation import knn_classify
+from .evaluation import extract_features, knn_classify
 from .metrics import read_metrics
 
 # The shipped sample's labelled shards: the test set first (queries), then the training set (bank).
@@ -149,7 +148,6 @@ class KnnMonitor:
             rank, world = accelerator.process_index, accelerator.num_processes
             transform = eval_transform(img_size)
             self.parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            self.batches: dict[str, int] = {}
             for name, span in (("queries", range(n_queries)), ("bank", range(n_queries, len(data)))):
                 mine = list(span)[rank::world]
                 pixels, kept = [], []
@@ -158,11 +156,10 @@ class KnnMonitor:
                         pixels.append(transform(data[i])[0])
                         kept.append(int(labels[i]))
                     except UndecodableImage:
-                        pass  # this rank's rows shrink; the batch count below is the same on every rank
+                        pass  # this rank's rows shrink; the forwards stay in lockstep (mae.evaluation.lockstep)
                 shape = (0, 3, img_size, img_size)
                 self.parts[name] = (torch.stack(pixels) if pixels else torch.empty(shape, dtype=torch.uint8),
                                     torch.tensor(kept, dtype=torch.long))  # fmt: skip
-                self.batches[name] = math.ceil(math.ceil(len(span) / world) / self.mon.batch_size)
         self.sizes = (n_queries, len(data) - n_queries)
 
     def describe(self) -> str:
@@ -214,21 +211,16 @@ class KnnMonitor:
         return out
 
     def _features(self, net: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every rank's cls-token and patch-average features [N, D] and labels [N], gathered. Every
-        rank makes the same number of forwards (ZeRO-3 gathers weights collectively)."""
+        """Every rank's cls-token and patch-average features [N, D] and labels [N], gathered."""
         pixels, labels = self.parts[name]
-        size = self.mon.batch_size
-        cls, avg = [], []
-        for b in range(self.batches[name]):
-            chunk = pixels[b * size : (b + 1) * size]
-            real = len(chunk) > 0
-            x = to_model_input(chunk if real else torch.zeros(1, *pixels.shape[1:], dtype=torch.uint8), self.acc.device)
-            with self.acc.autocast():
-                tokens = net.forward_features(x)  # [n, 1 + L, D]
-            if real:
-                cls.append(tokens[:, 0].float().cpu())
-                avg.append(tokens[:, 1:].mean(dim=1).float().cpu())
-        dim = net.cfg.embed_dim
-        cls_t = torch.cat(cls) if cls else torch.empty(0, dim)
-        avg_t = torch.cat(avg) if avg else torch.empty(0, dim)
-        return tuple(gather_all(t, self.acc) for t in (cls_t, avg_t, labels))  # type: ignore[return-value]
+        size, dim = self.mon.batch_size, net.cfg.embed_dim
+        batches = ({"image": pixels[i : i + size], "label": labels[i : i + size]} for i in range(0, len(pixels), size))
+
+        def cls_and_average(x: torch.Tensor) -> torch.Tensor:
+            tokens = net.forward_features(x)  # [n, 1 + L, D]
+            return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+
+        feats, kept = extract_features(cls_and_average, batches, self.acc, tuple(pixels.shape[1:]))
+        if not len(feats):  # this rank's share was empty
+            feats = torch.empty(0, 2 * dim)
+        return tuple(gather_all(t, self.acc) for t in (feats[:, :dim], feats[:, dim:], kept))  # type: ignore[return-value]
