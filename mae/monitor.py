@@ -142,6 +142,7 @@ class KnnMonitor:
         self.cfg, self.acc, self.mon = cfg, accelerator, cfg.monitor
         self.period = None if cfg.max_minutes is None else self.mon.every * 60.0
         self._last_slot: int | None = None
+        start = time.perf_counter()
         with untouched_rng(accelerator.device):
             data, labels, self.num_classes, n_queries = read_monitor_set(
                 monitor_shards(cfg.monitor, cfg.data), self.mon.queries, self.mon.bank)  # fmt: skip
@@ -161,11 +162,13 @@ class KnnMonitor:
                 self.parts[name] = (torch.stack(pixels) if pixels else torch.empty(shape, dtype=torch.uint8),
                                     torch.tensor(kept, dtype=torch.long))  # fmt: skip
         self.sizes = (n_queries, len(data) - n_queries)
+        self.setup_s = time.perf_counter() - start  # part of what the monitor costs a run
 
     def describe(self) -> str:
         unit = "minute(s)" if self.period is not None else "epoch(s)"
         return (f"monitor: k-NN (k {self.mon.k}, T {self.mon.temperature:g}) of {self.sizes[0]} queries against a bank "
-                f"of {self.sizes[1]}, every {self.mon.every:g} {unit} and at the end")  # fmt: skip
+                f"of {self.sizes[1]}, every {self.mon.every:g} {unit} and at the end (images read and decoded in "
+                f"{self.setup_s:.2f} s)")  # fmt: skip
 
     def due(self, epoch: int, elapsed_s: float, last: bool) -> bool:
         """Epochs: every ``every``-th epoch. Minutes: the first epoch end in each new ``every``-minute
