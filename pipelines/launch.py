@@ -33,8 +33,10 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
     loading Accelerate."""
     log_with = tracker_names(cfg.report_to)
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
     from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+
+    from mae.accelerator import StageAccelerator
 
     plugin = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -50,7 +52,7 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
     # multi-process launch would form a group of its own.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = resolve_precision(cfg.mixed_precision, state.device, deepspeed=plugin is not None)
-    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
+    accelerator = StageAccelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
                               deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:
         plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes

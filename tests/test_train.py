@@ -114,6 +114,26 @@ def test_short_run_lowers_loss_and_writes_outputs(reference_run):
     assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000064", "ckpt-00000096"]  # keep_last=2
 
 
+def test_a_stage_without_deepspeed_never_imports_it():
+    """Accelerate's unwrap_model imports DeepSpeed when it is installed: 2-3 s of every stage's
+    start. The stages' accelerator unwraps the model and saves its weights without it."""
+    code = """
+import sys, torch
+from pipelines.launch import make_accelerator
+from mae.pretrain import PretrainConfig
+acc, _ = make_accelerator(PretrainConfig(output_dir=sys.argv[1], report_to='none'))
+model = torch.nn.Linear(3, 2)
+prepared = acc.prepare(model)
+assert acc.unwrap_model(prepared) is model and set(acc.get_state_dict(prepared)) == {'weight', 'bias'}
+print('deepspeed' in sys.modules)
+"""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, "-c", code, "unused-run-folder"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
 def test_encoder_export_loads_into_timm(reference_run):
     path = reference_run / "encoder.safetensors"
     with safe_open(str(path), "pt") as f:
