@@ -2,7 +2,7 @@
 on the shipped sample, 4 epochs) timed as a whole command with the monitor at its defaults and
 with ``monitor.every=0``, alternating, each in a new process.
 
-    python benchmarks/monitor_cost.py --rounds 8 --work OUT/monitor_cost --json OUT/monitor_cost.json
+    python benchmarks/monitor_cost.py --rounds 6 --work OUT/monitor_cost --json OUT/monitor_cost.json
 
 The issue's target: the monitor adds at most 5% to the run's wall time on 2 cores. Two readings:
 - **In the run**: what the monitor itself took (reading and decoding its images at the start,
@@ -48,12 +48,15 @@ def timed_run(out: Path, extra: list[str]) -> dict[str, Any]:
     records = read_metrics(out)
     knn = [r for r in records if "knn_cls" in r]
     steps = [r for r in records if "elapsed_s" in r and "step" in r]
-    setup = re.search(r"images read and decoded in ([0-9.]+) s", proc.stdout)
-    monitor_s = sum(r["monitor_s"] for r in knn) + (float(setup.group(1)) if setup else 0.0)
+    found = re.search(r"images read and decoded in ([0-9.]+) s", proc.stdout)
+    if knn and found is None:  # a monitored run must say its start-up, or the share would leave it out
+        raise SystemExit(f"{' '.join(cmd)}: no 'images read and decoded in' line in its output")
+    setup = float(found.group(1)) if found else None
+    monitor_s = sum(r["monitor_s"] for r in knn) + (setup or 0.0)
     # seconds a step between the first and the last logged step (the first window holds the warm-up)
     step_s = (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (steps[-1]["step"] - steps[0]["step"])
     return {"wall_s": round(wall, 2), "monitor_s": round(monitor_s, 2), "share": round(monitor_s / wall, 4),
-            "setup_s": float(setup.group(1)) if setup else None, "monitor_runs": len(knn),
+            "setup_s": setup, "monitor_runs": len(knn),
             "step_s": round(step_s, 4), "last": {k: knn[-1][k] for k in ("knn_cls", "knn_avg")} if knn else None,
             "last_line": proc.stdout.strip().splitlines()[-1]}  # fmt: skip
 

@@ -53,7 +53,7 @@ def make_accelerator(cfg: Any) -> tuple[Any, Precision]:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = resolve_precision(cfg.mixed_precision, state.device, deepspeed=plugin is not None)
     accelerator = StageAccelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.accum_iter,
-                              deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
+                                   deepspeed_plugin=plugin, log_with=log_with, project_dir=cfg.output_dir)  # fmt: skip
     if plugin is not None:
         plugin.deepspeed_config["train_batch_size"] = cfg.batch_size * cfg.accum_iter * accelerator.num_processes
     return accelerator, precision
